@@ -1,0 +1,202 @@
+"""The Python facade: ``ImageClassifier`` (scikit-learn conventions) and ``load``.
+
+    >>> clf = ImageClassifier(backbone="vgg16", input_size=150).fit("data/train", val="data/val")
+    >>> clf.predict(["cat.jpg"]), clf.classes_
+    >>> clf.save("run"); clf = load("run")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import registry
+from .backbones.base import create_backbone
+from .data.datasets import Dataset, load_dataset, load_splits
+from .errors import DatasetError, NotFittedError
+from .evaluation import classification_metrics
+from .features import FeatureCache, extract_features
+from .heads import Head, HeadConfig
+from .model import ImageModel
+from .predict import Predictor
+from .runs import load_model, save_model, write_history, write_json
+from .training.head import TrainConfig, fit_head
+
+__all__ = ["ImageClassifier", "load"]
+
+log = logging.getLogger("headstart")
+
+
+class ImageClassifier:
+    """A frozen pretrained backbone with a new head, trained on cached features.
+
+    Args:
+        backbone: registry name (``headstart backbones``) or ``timm:<model>``.
+        weights: ``"imagenet"``, a weights file path, or ``None`` (random).
+        input_size: image side in pixels; default: the weights' own.
+        head: ``"flatten"`` or ``"avg"``; default: the backbone's (VGG: flatten, others: avg).
+        hidden, dropout: Dense layers before the classifier, and dropout before each.
+        cache: a folder for the feature cache, ``True`` for the default one, ``False`` for none.
+        val_fraction: share of each class held out for validation when no val set is given.
+        The remaining arguments are ``TrainConfig`` fields.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", weights: str | Path | None = "imagenet",
+                 input_size: int | None = None, head: str | None = None, hidden: tuple[int, ...] = (),
+                 dropout: float = 0.0, epochs: int = 60, batch_size: int = 32, lr: float = 1e-3,
+                 weight_decay: float = 5.0, patience: int = 10, class_weight: str | None = None,
+                 label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
+                 val_fraction: float = 0.2, progress: bool | None = None):
+        self.backbone = backbone
+        self.weights = weights
+        self.input_size = input_size
+        self.head = head
+        self.hidden = tuple(hidden)
+        self.dropout = dropout
+        self.train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                        patience=patience, class_weight=class_weight,
+                                        label_smoothing=label_smoothing, seed=seed)
+        self.seed = seed
+        self.cache = cache
+        self.val_fraction = val_fraction
+        self.progress = progress
+
+    # -- training -----------------------------------------------------------------------------
+    def _feature_cache(self) -> FeatureCache | None:
+        if self.cache is False or self.cache is None:
+            return None
+        return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
+
+    def _extract(self, backbone, ds: Dataset, desc: str):
+        t0 = time.perf_counter()
+        ex = extract_features(backbone, ds.paths, self._feature_cache(), progress=self.progress, desc=desc)
+        log.info("%s: %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)",
+                 desc, len(ds), ex.computed, ex.cached, len(ex.errors), time.perf_counter() - t0)
+        return ex, ds.labels[ex.ok]
+
+    def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None
+            ) -> "ImageClassifier":
+        """Train on ``data`` (see ``load_splits`` for layouts); returns ``self``.
+
+        Raises:
+            DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
+                or a class left with no readable image.
+        """
+        t_start = time.perf_counter()
+        splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
+        classes = splits.train.classes
+        head_pool = self.head or registry.get(self.backbone).default_head
+        head_config = HeadConfig(pool=head_pool, hidden=self.hidden, dropout=self.dropout)
+        backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
+        log.info("backbone %s (%s), input %s, features %s", backbone.name, backbone.weights_source,
+                 "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)))
+        tr, y_tr = self._extract(backbone, splits.train, "train features")
+        counts = np.bincount(y_tr, minlength=len(classes))
+        if (counts == 0).any():
+            empty = [c for c, n in zip(classes, counts) if n == 0]
+            raise DatasetError(f"class(es) {empty} have no readable training image after skipping "
+                               f"{len(tr.errors)} unreadable file(s); add readable images.")
+        va = y_va = None
+        if splits.val is not None and len(splits.val):
+            va, y_va = self._extract(backbone, splits.val, "val features")
+        head = Head(head_config, backbone.feature_shape, len(classes))
+        t_head = time.perf_counter()
+        history = fit_head(head, tr.features, y_tr, va.features if va else None, y_va, self.train_config,
+                           progress=self.progress)
+        self.model_ = ImageModel(backbone, head, classes).eval()
+        self.classes_ = list(classes)
+        self.history_ = history
+        self.metrics_ = {}
+        if va is not None and len(va.ok):
+            self.metrics_["val"] = self._metrics(va.features, y_va) | {"skipped": va.errors}
+        if splits.test is not None:
+            te, y_te = self._extract(backbone, splits.test, "test features")
+            self.metrics_["test"] = self._metrics(te.features, y_te) | {"skipped": te.errors}
+        skipped = tr.errors + (va.errors if va else [])
+        duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
+        if duplicates:
+            log.warning("%d image(s) appear in both train and val (same content), e.g. %s; val accuracy will be "
+                        "optimistic", len(duplicates), duplicates[0])
+        self.report_ = {
+            "split": splits.split_note,
+            "classes": classes,
+            "train_counts": splits.train.counts(),
+            "val_counts": splits.val.counts() if splits.val is not None else {},
+            "skipped_unreadable": skipped,
+            "ignored": splits.train.ignored,
+            "train_val_duplicates": duplicates,
+            "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
+            "backbone_passes": {"train": tr.computed, "val": va.computed if va else 0},
+            "from_cache": {"train": tr.cached, "val": va.cached if va else 0},
+            "seconds": {"total": time.perf_counter() - t_start, "head_training": time.perf_counter() - t_head},
+        }
+        return self
+
+    def _metrics(self, features: torch.Tensor, y) -> dict:
+        with torch.inference_mode():
+            pred = self.model_.head(features).argmax(1).numpy() if len(features) else np.array([], dtype=int)
+        return classification_metrics(y, pred, self.classes_)
+
+    # -- using a trained model ------------------------------------------------------------------
+    def _check(self):
+        if not hasattr(self, "model_"):
+            raise NotFittedError("This ImageClassifier is not trained yet; call .fit(data) or headstart.load(run).")
+
+    def predictor(self) -> Predictor:
+        self._check()
+        return Predictor(self.model_)
+
+    def predict_proba(self, paths) -> np.ndarray:
+        """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""
+        probs, errors, _ = self.predictor().probabilities([Path(p) for p in paths], progress=self.progress)
+        return probs
+
+    def predict(self, paths) -> list[str | None]:
+        """The most probable class name per file (``None`` for an unreadable file)."""
+        probs = self.predict_proba(paths)
+        return [None if np.isnan(row).any() else self.classes_[int(row.argmax())] for row in probs]
+
+    def evaluate(self, data: str | Path) -> dict:
+        """Metrics on a labelled class-folder tree or CSV; unreadable files are listed under ``skipped``."""
+        self._check()
+        ds = load_dataset(data, self.classes_)
+        ex, y = self._extract(self.model_.backbone, ds, "eval features")
+        return self._metrics(ex.features, y) | {"skipped": ex.errors, "backbone_passes": ex.computed}
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, out: str | Path) -> Path:
+        """Write the run folder (safetensors + JSON + history CSV); returns its path."""
+        self._check()
+        out = Path(out)
+        training = {"train_config": self.train_config.to_dict(), "val_fraction": self.val_fraction}
+        save_model(self.model_, out, training)
+        write_json(out / "metrics.json", getattr(self, "metrics_", {}))
+        write_history(out / "history.csv", getattr(self, "history_", []))
+        if getattr(self, "report_", None):
+            write_json(out / "data.json", self.report_)
+        return out
+
+    @classmethod
+    def load(cls, run: str | Path) -> "ImageClassifier":
+        model, config = load_model(run)
+        clf = cls(backbone=config["backbone"]["name"], head=config["head"]["pool"],
+                  hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"])
+        clf.model_, clf.classes_ = model, list(model.classes)
+        clf.config_ = config
+        return clf
+
+
+def load(run: str | Path) -> ImageClassifier:
+    """A trained classifier from a run folder (or, see ``export``, an ONNX file)."""
+    return ImageClassifier.load(run)
+
+
+def _shared_images(train: Dataset, train_digests, val: Dataset | None, val_digests) -> list[list[str]]:
+    if val is None:
+        return []
+    seen = {d: str(p) for p, d in zip(train.paths, train_digests) if d}
+    return [[seen[d], str(p)] for p, d in zip(val.paths, val_digests) if d and d in seen]

@@ -1,0 +1,12 @@
+"""Backbones: the registry, the factory and weight resolution.
+
+    >>> from headstart.backbones import create_backbone
+    >>> base = create_backbone("vgg16", weights=None, input_size=150).freeze()
+"""
+
+from . import timm_models as _timm_models  # noqa: F401  (registers the EfficientNet-Lite family)
+from . import vgg as _vgg  # noqa: F401  (registers vgg16, vgg19)
+from .base import Backbone, create_backbone
+from .registry import BackboneEntry, DataConfig, get, names
+
+__all__ = ["Backbone", "BackboneEntry", "DataConfig", "create_backbone", "get", "names"]

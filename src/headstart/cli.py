@@ -1,0 +1,251 @@
+"""The ``headstart`` command: parses, calls the public API, prints. Errors become one line (``--debug``: traceback).
+
+Exit codes: 0 ok, 1 failure (a headstart error: bad data, weights, run), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import HeadstartError
+
+__all__ = ["main"]
+
+EXAMPLES = """examples:
+  headstart demo                                   # offline end-to-end run on scikit-learn's digits
+  headstart backbones
+  headstart summary vgg16 --input-size 150 --frozen
+  headstart train photos/ --out run                # efficientnet_lite0, frozen, cached features
+  headstart train photos/ --out run --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
+  headstart evaluate run photos/val --format json
+  headstart predict run new_photos/ --top-k 3 --format csv
+"""
+
+
+def _cmd_backbones(args) -> None:
+    from .backbones import registry
+
+    rows = []
+    for name in registry.names():
+        e = registry.get(name)
+        offline = next((s.label for s in e.sources if s.available()), None)
+        size = "x".join(map(str, e.data_config.input_size))
+        rows.append((name, size, offline or "no (use --weights FILE)", e.description))
+    w = [max(len(r[i]) for r in rows + [("backbone", "input", "imagenet weights offline", "")]) + 2 for i in range(3)]
+    print(f"{'backbone':<{w[0]}}{'input':<{w[1]}}{'imagenet weights offline':<{w[2]}}description")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}{r[1]:<{w[1]}}{r[2]:<{w[2]}}{r[3]}")
+    print("\nAny timm model also works as 'timm:<name>' (weights from the hub or its local cache).")
+
+
+def _cmd_summary(args) -> None:
+    from .backbones.base import create_backbone
+    from .heads import Head, HeadConfig
+    from .model import ImageModel
+    from .summary import summary
+
+    weights = args.weights or (None if args.random else "imagenet")
+    try:
+        bb = create_backbone(args.backbone, weights=weights, input_size=args.input_size)
+    except HeadstartError as exc:
+        if weights != "imagenet":
+            raise
+        # the table is about shapes and counts: random weights give the same ones
+        logging.getLogger("headstart").info("%s; showing the architecture with random weights", exc)
+        bb = create_backbone(args.backbone, weights=None, input_size=args.input_size)
+    if args.frozen:
+        bb.freeze()
+    model = bb
+    if args.head:
+        head = Head(HeadConfig(pool=args.head, hidden=tuple(args.hidden), dropout=args.dropout), bb.feature_shape,
+                    args.classes)
+        model = ImageModel(bb, head, [f"class_{i}" for i in range(args.classes)])
+    print(summary(model))
+
+
+def _classifier_from_args(args):
+    from .api import ImageClassifier
+
+    return ImageClassifier(
+        backbone=args.backbone, weights=args.weights or "imagenet", input_size=args.input_size, head=args.head,
+        hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, patience=args.patience, class_weight="balanced" if args.balanced else None,
+        label_smoothing=args.label_smoothing, seed=args.seed,
+        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction)
+
+
+def _cmd_train(args) -> None:
+    clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test)
+    clf.save(args.out)
+    _print_train_report(clf, args.out)
+
+
+def _print_train_report(clf, out) -> None:
+    r = clf.report_
+    best = next((h for h in clf.history_ if h.get("best")), clf.history_[-1])
+    print(f"classes: {', '.join(clf.classes_)}   ({r['split']})")
+    print(f"backbone passes: train {r['backbone_passes']['train']}, val {r['backbone_passes']['val']}; "
+          f"from cache: train {r['from_cache']['train']}, val {r['from_cache']['val']}")
+    if r["skipped_unreadable"]:
+        print(f"skipped {len(r['skipped_unreadable'])} unreadable file(s) (listed in {out}/data.json):")
+        for p, reason in r["skipped_unreadable"][:10]:
+            print(f"  {p}: {reason}")
+    if r["train_val_duplicates"]:
+        print(f"warning: {len(r['train_val_duplicates'])} image(s) are in both train and val")
+    line = f"best epoch {best['epoch']} of {len(clf.history_)}"
+    if "val_accuracy" in best:
+        line += f": val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}"
+    print(line)
+    print(f"time: {r['seconds']['total']:.1f} s (head training {r['seconds']['head_training']:.1f} s)")
+    print(f"saved to {out}")
+
+
+def _cmd_evaluate(args) -> None:
+    from .api import load
+    from .evaluation import format_metrics
+
+    clf = load(args.run)
+    if args.no_cache:
+        clf.cache = False
+    m = clf.evaluate(args.data)
+    print(json.dumps(m, indent=2) if args.format == "json" else format_metrics(m))
+
+
+def _cmd_predict(args) -> None:
+    from .api import load
+
+    clf = load(args.run)
+    rows = clf.predictor().predict(args.paths, top_k=args.top_k)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "probability", "top_k", "error"])
+        for r in rows:
+            w.writerow([r["path"], r["label"] or "", "" if r["probability"] is None else f"{r['probability']:.6f}",
+                        ";".join(f"{t['label']}:{t['probability']:.6f}" for t in r["top_k"]), r["error"] or ""])
+        print(buf.getvalue(), end="")
+    else:
+        width = max([len(r["path"]) for r in rows] + [4]) + 2
+        for r in rows:
+            if r["error"]:
+                print(f"{r['path']:<{width}}ERROR {r['error']}")
+            else:
+                print(f"{r['path']:<{width}}" + "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"]))
+    n_err = sum(1 for r in rows if r["error"])
+    if n_err:
+        print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), per_class=args.per_class, backbone=args.backbone)
+
+
+def _add_train_args(p) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or timm:<model> (default: %(default)s)")
+    p.add_argument("--weights", help="weights file (safetensors or PyTorch state dict); default: ImageNet from a "
+                                     "package or the hub")
+    p.add_argument("--input-size", type=int, help="image side in pixels (default: the weights' own)")
+    p.add_argument("--head", choices=["flatten", "avg"], help="flatten the feature map (Keras recipe) or average-pool "
+                                                             "it (default: the backbone's)")
+    p.add_argument("--hidden", type=int, nargs="*", default=[], help="widths of hidden Dense layers")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better val loss")
+    p.add_argument("--balanced", action="store_true", help="class-weighted loss for imbalanced data")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val", help="validation folder or CSV (default: DATA/val, else a stratified split)")
+    p.add_argument("--test", help="test folder or CSV (default: DATA/test if present)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val set")
+    p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headstart", description="Transfer learning on images.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="only results and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("summary", help="a Keras-style layer table of a backbone (and head)")
+    p.add_argument("backbone")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--weights", help="weights file whose JSON may set the preprocessing")
+    p.add_argument("--random", action="store_true", help="random weights (no weight lookup)")
+    p.add_argument("--frozen", action="store_true", help="freeze the backbone (base.trainable = False)")
+    p.add_argument("--head", choices=["flatten", "avg"], help="add a head")
+    p.add_argument("--hidden", type=int, nargs="*", default=[])
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--classes", type=int, default=2, help="number of classes for --head (default: 2)")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("train", help="train a classifier on an image folder or CSV")
+    p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
+    p.add_argument("--out", required=True, help="run folder to write")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix on labelled data")
+    p.add_argument("run")
+    p.add_argument("data")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict image files or folders")
+    p.add_argument("run")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
+    p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=60, help="images per class to use (default: %(default)s)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        args.func(args)
+    except HeadstartError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

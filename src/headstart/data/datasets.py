@@ -1,0 +1,211 @@
+"""Datasets: image folders (one folder per class), CSV files, and train/val/test layouts.
+
+    >>> splits = load_splits("data")          # data/train, data/val (or a stratified split)
+    >>> splits.train.classes
+    ['ants', 'bees']
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+from .images import is_image_name
+
+__all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "load_dataset", "load_splits"]
+
+_JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+_VAL_NAMES = ("val", "validation", "valid")
+
+
+@dataclass
+class Dataset:
+    """Samples ``(path, label index)`` and ``classes`` in index order; ``ignored`` lists files passed over."""
+
+    samples: list[tuple[Path, int]]
+    classes: list[str]
+    root: str = ""
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([y for _, y in self.samples], dtype=np.int64)
+
+    def subset(self, indices) -> "Dataset":
+        return Dataset([self.samples[i] for i in indices], list(self.classes), self.root)
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.labels, minlength=len(self.classes)) if self.samples else [0] * len(self.classes)
+        return {name: int(n) for name, n in zip(self.classes, c)}
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    split_note: str  # how val was obtained, written into the run
+
+
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name in _JUNK_NAMES
+
+
+def _walk_images(folder: Path, ignored: list) -> list[Path]:
+    """Image files below ``folder``, sorted; follows links but never loops; skips hidden and junk."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            ignored.append((dirpath, "folder already visited (symlink loop)"))
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            if _is_junk(f):
+                continue
+            if not is_image_name(f):
+                ignored.append((str(p), "not an image file name (expected .jpg .jpeg .png .gif .bmp .webp)"))
+            elif not p.is_file():
+                ignored.append((str(p), "broken link or not a regular file"))
+            else:
+                found.append(p)
+    return found
+
+
+def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
+    """One sub-folder per class under ``root``; ``classes`` fixes the index order (from training).
+
+    Raises:
+        DatasetError: ``root`` is missing, has under two classes, an empty class, classes whose
+            names differ only in case, or a class that ``classes`` lacks.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Data folder {str(root)!r} does not exist or is not a folder. "
+                           "Expected a folder with one sub-folder per class.")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_junk(d.name))
+    lowered = {}
+    for name in found:
+        if name.lower() in lowered:
+            raise DatasetError(f"Class folders {lowered[name.lower()]!r} and {name!r} in {str(root)!r} differ only "
+                               "in case; merge or rename one of them.")
+        lowered[name.lower()] = name
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise DatasetError(f"{str(root)!r} has {len(classes)} class folder(s) {found}; a classifier needs at "
+                               "least two. Put each class's images in its own sub-folder.")
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DatasetError(f"{str(root)!r} has class(es) {extra} that the training data lacks (training classes: "
+                               f"{classes}). Add them to training or remove them here.")
+    ignored, samples = [], []
+    for idx, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = _walk_images(root / name, ignored)
+        if not files:
+            raise DatasetError(f"Class folder {str(root / name)!r} holds no images (.jpg .jpeg .png .gif .bmp .webp). "
+                               "Add images or remove the folder.")
+        samples += [(p, idx) for p in files]
+    return Dataset(samples, list(classes), str(root), ignored)
+
+
+def read_csv(path: str | Path, classes: list[str] | None = None) -> Dataset:
+    """A CSV of ``path,label`` rows (header optional); relative paths are from the CSV's folder."""
+    path = Path(path)
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise DatasetError(f"{str(path)!r} line {i + 1}: expected 'path,label', got {row!r}")
+            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
+                continue
+            rows.append((row[0].strip(), row[1].strip()))
+    found = sorted({label for _, label in rows})
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise DatasetError(f"{str(path)!r} names {len(classes)} label(s) {found}; a classifier needs two or more.")
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DatasetError(f"{str(path)!r} has label(s) {extra} that the training data lacks ({classes}).")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [((path.parent / p) if not Path(p).is_absolute() else Path(p), index[label]) for p, label in rows]
+    return Dataset(samples, list(classes), str(path))
+
+
+def load_dataset(source: str | Path, classes: list[str] | None = None) -> Dataset:
+    """A class-folder tree or a CSV file, by what ``source`` is."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv" and source.is_file():
+        return read_csv(source, classes)
+    return scan_folder(source, classes)
+
+
+def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split ``ds`` into (train, val), ``fraction`` of each class to val (at least one each when possible)."""
+    rng = np.random.default_rng(seed)
+    labels = ds.labels
+    tr, va = [], []
+    for c in range(len(ds.classes)):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction))
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) > 1 else 0
+        va += idx[:n_val].tolist()
+        tr += idx[n_val:].tolist()
+    return ds.subset(sorted(tr)), ds.subset(sorted(va))
+
+
+def load_splits(data: str | Path, val: str | Path | None = None, test: str | Path | None = None,
+                val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """Find train / val / test.
+
+    ``data`` is either a folder with ``train/`` (and optionally ``val/`` or ``validation/``, ``test/``),
+    a folder of class folders, or a CSV. Without a val set, ``val_fraction`` of each class is held out.
+    """
+    data = Path(data)
+    test_ds = None
+    if data.is_dir() and (data / "train").is_dir():
+        train = load_dataset(data / "train")
+        if val is None:
+            val = next((data / n for n in _VAL_NAMES if (data / n).is_dir()), None)
+        if test is None and (data / "test").is_dir():
+            test = data / "test"
+    else:
+        train = load_dataset(data)
+    ignored = list(train.ignored)
+    if val is not None:
+        val_ds = load_dataset(val, train.classes)
+        ignored += val_ds.ignored
+        note = f"validation set: {val}"
+    elif val_fraction > 0:
+        train, val_ds = stratified_split(train, val_fraction, seed)
+        note = f"validation set: {val_fraction:.0%} of each class held out from {data} with seed {seed}"
+    else:
+        val_ds, note = None, "no validation set"
+    if test is not None:
+        test_ds = load_dataset(test, train.classes)
+        ignored += test_ds.ignored
+    train.ignored = ignored
+    return Splits(train, val_ds, test_ds, note)

@@ -1,0 +1,127 @@
+"""The run folder: a trained model as safetensors + readable JSON, and loading it back without executing code.
+
+    RUN/model.safetensors   backbone + head weights
+    RUN/config.json         backbone identity and weights digest, data config, classes, head, training
+    RUN/metrics.json        validation (and test) metrics
+    RUN/history.csv         one row per epoch
+    RUN/data.json           how the data was split, files skipped or ignored, warnings
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .backbones.base import create_backbone
+from .backbones.registry import DataConfig
+from .backbones.weights import state_digest
+from .errors import HeadstartError, RunFormatError
+from .features import atomic_write
+from .heads import Head, HeadConfig
+from .model import ImageModel
+
+__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config"]
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=str)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+
+
+def save_model(model: ImageModel, out: str | Path, training: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``out`` (each atomically); returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    bb = model.backbone
+    config = {
+        "format": "headstart-model",
+        "format_version": FORMAT_VERSION,
+        "headstart_version": __version__,
+        "backbone": bb.identity() | {"weights_digest": state_digest(bb.body.state_dict())},
+        "data_config": bb.data_config.to_dict(),
+        "classes": model.classes,
+        "head": model.head.config.to_dict(),
+        "training": training or {},
+    }
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "headstart-model"}))
+    write_json(out / CONFIG_FILE, config)
+    return out
+
+
+def read_config(run: str | Path) -> dict:
+    run = Path(run)
+    path = run / CONFIG_FILE
+    if not path.is_file():
+        raise RunFormatError(f"{str(run)!r} is not a headstart run: {CONFIG_FILE} is missing. "
+                             "Pass the folder given to `headstart train --out`.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFormatError(f"{str(path)!r} is damaged ({exc}); retrain or restore the run") from exc
+    if config.get("format") != "headstart-model":
+        raise RunFormatError(f"{str(path)!r} is not a headstart model config")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunFormatError(f"{str(run)!r} was written in run format {version!r}; this headstart "
+                             f"({__version__}) reads format {FORMAT_VERSION}. Use a matching headstart version.")
+    return config
+
+
+def load_model(run: str | Path) -> tuple[ImageModel, dict]:
+    """Rebuild the model saved in ``run`` (offline: no weights are fetched) and return it with its config.
+
+    Raises:
+        RunFormatError: missing or damaged files, another format version, or weights that do not
+            match the config.
+    """
+    run = Path(run)
+    config = read_config(run)
+    try:
+        bb_cfg, classes = config["backbone"], list(config["classes"])
+        data_config = DataConfig.from_dict(config["data_config"])
+        head_cfg = HeadConfig.from_dict(config["head"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunFormatError(f"{str(run / CONFIG_FILE)!r} lacks or garbles a field ({exc})") from exc
+    try:
+        state = load_file(str(run / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
+    try:
+        backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
+        head = Head(head_cfg, backbone.feature_shape, len(classes))
+        model = ImageModel(backbone, head, classes)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise RunFormatError(f"the weights in {str(run)!r} do not match its config ({str(exc)[:300]})") from exc
+    except HeadstartError as exc:
+        raise RunFormatError(f"cannot rebuild the model in {str(run)!r}: {exc}") from exc
+    digest = state_digest(backbone.body.state_dict())
+    if digest != bb_cfg.get("weights_digest"):
+        raise RunFormatError(f"the backbone weights in {str(run)!r} (digest {digest}) are not those its config "
+                             f"records ({bb_cfg.get('weights_digest')}); the run was altered or mixed up")
+    backbone.weights_digest = digest
+    backbone.weights_source = bb_cfg.get("weights_source", "run")
+    model.eval()
+    return model, config

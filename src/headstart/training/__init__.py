@@ -1,0 +1,5 @@
+"""Training: head training on cached features, and the recipes built on it."""
+
+from .head import TrainConfig, class_weights, fit_head
+
+__all__ = ["TrainConfig", "class_weights", "fit_head"]
