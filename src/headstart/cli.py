@@ -76,7 +76,7 @@ def _classifier_from_args(args):
     return ImageClassifier(
         backbone=args.backbone, weights=args.weights or "imagenet", input_size=args.input_size, head=args.head,
         hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, patience=args.patience, class_weight="balanced" if args.balanced else None,
+        lr=args.lr, weight_decay=args.weight_decay, patience=args.patience, class_weight="balanced" if args.balanced else None,
         label_smoothing=args.label_smoothing, seed=args.seed,
         cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction)
 
@@ -163,6 +163,7 @@ def _add_train_args(p) -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=5.0, help="AdamW decoupled weight decay (default: %(default)s)")
     p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better val loss")
     p.add_argument("--balanced", action="store_true", help="class-weighted loss for imbalanced data")
     p.add_argument("--label-smoothing", type=float, default=0.0)

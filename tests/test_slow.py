@@ -1,0 +1,56 @@
+"""Slow tier: the real weights on the real photos in ../shared (CI runs it with -m "slow or not slow")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from conftest import HYMENOPTERA, VGG16_NOTOP, needs_shared
+from headstart.cli import main
+from headstart.data.transforms import EvalTransform
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("image,expected", [("chelsea", {"tiger cat", "tabby, tabby cat", "Egyptian cat"}),
+                                            ("coffee", {"espresso"})])
+def test_default_backbone_with_its_top_knows_imagenet(image, expected):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    from timm.data import ImageNetInfo
+
+    bb = headstart.create_backbone("efficientnet_lite0", include_top=True).eval()
+    x = EvalTransform(bb.data_config)(Image.fromarray(getattr(skimage_data, image)()))[None]
+    with torch.inference_mode():
+        top = int(bb.forward_top(bb(x)).argmax())
+    assert ImageNetInfo().index_to_description(top) in expected
+
+
+@needs_shared(HYMENOPTERA)
+def test_default_recipe_on_hymenoptera(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "backbone passes: train 245, val 153" in out
+    assert main(["evaluate", str(run), str(HYMENOPTERA / "val"), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] >= 0.93 and report["backbone_passes"] == 0
+    # another head on the same images: every feature from the cache
+    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / "run2"), "--head", "flatten"]) == 0
+    assert "backbone passes: train 0, val 0" in capsys.readouterr().out
+
+
+@needs_shared(HYMENOPTERA, VGG16_NOTOP)
+def test_keras_seed_recipe_vgg16_flatten_at_150(tmp_path, capsys):
+    clf = headstart.ImageClassifier(backbone="vgg16", weights=str(VGG16_NOTOP), input_size=150, head="flatten")
+    clf.fit(HYMENOPTERA)
+    assert clf.model_.backbone.feature_shape == (512, 4, 4)
+    assert clf.model_.backbone.data_config.std == pytest.approx((1 / 255,) * 3, rel=1e-3)  # from the JSON beside it
+    assert clf.metrics_["val"]["accuracy"] >= 0.88
+    loaded = headstart.load(clf.save(tmp_path / "run"))
+    files = sorted((HYMENOPTERA / "val" / "bees").glob("*"))[:8]
+    np.testing.assert_allclose(loaded.predict_proba(files), clf.predict_proba(files), atol=1e-5)
