@@ -19,12 +19,13 @@ from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
 from .errors import DatasetError, NotFittedError
 from .evaluation import classification_metrics
-from .features import FeatureCache, extract_features
+from .features import FeatureCache
 from .heads import Head, HeadConfig
 from .model import ImageModel
 from .predict import Predictor
 from .runs import load_model, save_model, write_history, write_json
-from .training.head import TrainConfig, fit_head
+from .training.head import TrainConfig
+from .training.recipes import Recipe, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -42,6 +43,8 @@ class ImageClassifier:
         hidden, dropout: Dense layers before the classifier, and dropout before each.
         cache: a folder for the feature cache, ``True`` for the default one, ``False`` for none.
         val_fraction: share of each class held out for validation when no val set is given.
+        strategy, augment, views, unfreeze, finetune_epochs, finetune_lr: the training ``Recipe``.
+        tta: average predictions over the image and its mirror (predict and evaluate).
         The remaining arguments are ``TrainConfig`` fields.
     """
 
@@ -50,7 +53,9 @@ class ImageClassifier:
                  dropout: float = 0.0, epochs: int = 60, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 5.0, patience: int = 10, class_weight: str | None = None,
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
-                 val_fraction: float = 0.2, progress: bool | None = None):
+                 val_fraction: float = 0.2, progress: bool | None = None, strategy: str = "frozen",
+                 augment: str | None = None, views: int = 5, unfreeze: int | None = None,
+                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False):
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -60,6 +65,9 @@ class ImageClassifier:
         self.train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                         patience=patience, class_weight=class_weight,
                                         label_smoothing=label_smoothing, seed=seed)
+        self.recipe = Recipe(strategy=strategy, augment=augment, views=views, unfreeze=unfreeze,
+                             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
+        self.tta = tta
         self.seed = seed
         self.cache = cache
         self.val_fraction = val_fraction
@@ -71,16 +79,12 @@ class ImageClassifier:
             return None
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
 
-    def _extract(self, backbone, ds: Dataset, desc: str):
-        t0 = time.perf_counter()
-        ex = extract_features(backbone, ds.paths, self._feature_cache(), progress=self.progress, desc=desc)
-        log.info("%s: %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)",
-                 desc, len(ds), ex.computed, ex.cached, len(ex.errors), time.perf_counter() - t0)
-        return ex, ds.labels[ex.ok]
-
-    def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None
-            ) -> "ImageClassifier":
+    def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None, *,
+            out: str | Path | None = None, resume: bool = False) -> "ImageClassifier":
         """Train on ``data`` (see ``load_splits`` for layouts); returns ``self``.
+
+        With ``out``, checkpoints go to ``out/checkpoints`` as training runs, and ``resume=True`` continues
+        from them (feature extraction resumes from the cache).
 
         Raises:
             DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
@@ -92,47 +96,39 @@ class ImageClassifier:
         head_pool = self.head or registry.get(self.backbone).default_head
         head_config = HeadConfig(pool=head_pool, hidden=self.hidden, dropout=self.dropout)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
-        log.info("backbone %s (%s), input %s, features %s", backbone.name, backbone.weights_source,
-                 "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)))
-        tr, y_tr = self._extract(backbone, splits.train, "train features")
-        counts = np.bincount(y_tr, minlength=len(classes))
-        if (counts == 0).any():
-            empty = [c for c, n in zip(classes, counts) if n == 0]
-            raise DatasetError(f"class(es) {empty} have no readable training image after skipping "
-                               f"{len(tr.errors)} unreadable file(s); add readable images.")
-        va = y_va = None
-        if splits.val is not None and len(splits.val):
-            va, y_va = self._extract(backbone, splits.val, "val features")
+        log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
+                 "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
+                 self.recipe.strategy)
         head = Head(head_config, backbone.feature_shape, len(classes))
-        t_head = time.perf_counter()
-        history = fit_head(head, tr.features, y_tr, va.features if va else None, y_va, self.train_config,
-                           progress=self.progress)
+        result = train_recipe(self.recipe, backbone, splits, head, self.train_config, self._feature_cache(),
+                              checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
+                              progress=self.progress)
         self.model_ = ImageModel(backbone, head, classes).eval()
         self.classes_ = list(classes)
-        self.history_ = history
+        self.history_ = result.history
         self.metrics_ = {}
-        if va is not None and len(va.ok):
-            self.metrics_["val"] = self._metrics(va.features, y_va) | {"skipped": va.errors}
+        if result.val_features is not None and len(result.val_ok):
+            y_va = splits.val.labels[result.val_ok]
+            self.metrics_["val"] = self._metrics(result.val_features, y_va)
         if splits.test is not None:
-            te, y_te = self._extract(backbone, splits.test, "test features")
-            self.metrics_["test"] = self._metrics(te.features, y_te) | {"skipped": te.errors}
-        skipped = tr.errors + (va.errors if va else [])
-        duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
+            self.metrics_["test"] = self.evaluate(splits.test.root)
+        duplicates = _shared_images(splits.train, result.digests[0], splits.val, result.digests[1])
         if duplicates:
             log.warning("%d image(s) appear in both train and val (same content), e.g. %s; val accuracy will be "
                         "optimistic", len(duplicates), duplicates[0])
         self.report_ = {
             "split": splits.split_note,
             "classes": classes,
+            "recipe": self.recipe.to_dict(),
             "train_counts": splits.train.counts(),
             "val_counts": splits.val.counts() if splits.val is not None else {},
-            "skipped_unreadable": skipped,
+            "skipped_unreadable": result.errors,
             "ignored": splits.train.ignored,
             "train_val_duplicates": duplicates,
             "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
-            "backbone_passes": {"train": tr.computed, "val": va.computed if va else 0},
-            "from_cache": {"train": tr.cached, "val": va.cached if va else 0},
-            "seconds": {"total": time.perf_counter() - t_start, "head_training": time.perf_counter() - t_head},
+            "backbone_passes": result.passes,
+            "from_cache": result.cached,
+            "seconds": {"total": time.perf_counter() - t_start},
         }
         return self
 
@@ -148,7 +144,7 @@ class ImageClassifier:
 
     def predictor(self) -> Predictor:
         self._check()
-        return Predictor(self.model_)
+        return Predictor(self.model_, tta=self.tta)
 
     def predict_proba(self, paths) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""
@@ -164,8 +160,14 @@ class ImageClassifier:
         """Metrics on a labelled class-folder tree or CSV; unreadable files are listed under ``skipped``."""
         self._check()
         ds = load_dataset(data, self.classes_)
-        ex, y = self._extract(self.model_.backbone, ds, "eval features")
-        return self._metrics(ex.features, y) | {"skipped": ex.errors, "backbone_passes": ex.computed}
+        t0 = time.perf_counter()
+        probs, failed, ex = self.predictor().probabilities(ds.paths, cache=self._feature_cache(),
+                                                           progress=self.progress)
+        ok = [i for i in range(len(ds)) if i not in failed]
+        log.info("evaluated %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)", len(ds),
+                 ex.computed, ex.cached, len(failed), time.perf_counter() - t0)
+        m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
+        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "tta": self.tta}
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:

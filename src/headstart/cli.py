@@ -78,11 +78,13 @@ def _classifier_from_args(args):
         hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, patience=args.patience, class_weight="balanced" if args.balanced else None,
         label_smoothing=args.label_smoothing, seed=args.seed,
-        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction)
+        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction,
+        strategy=args.strategy, augment=args.augment, views=args.views, unfreeze=args.unfreeze,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
 
 
 def _cmd_train(args) -> None:
-    clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test)
+    clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test, out=args.out, resume=args.resume)
     clf.save(args.out)
     _print_train_report(clf, args.out)
 
@@ -103,7 +105,7 @@ def _print_train_report(clf, out) -> None:
     if "val_accuracy" in best:
         line += f": val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}"
     print(line)
-    print(f"time: {r['seconds']['total']:.1f} s (head training {r['seconds']['head_training']:.1f} s)")
+    print(f"time: {r['seconds']['total']:.1f} s ({r['recipe']['strategy']})")
     print(f"saved to {out}")
 
 
@@ -112,6 +114,7 @@ def _cmd_evaluate(args) -> None:
     from .evaluation import format_metrics
 
     clf = load(args.run)
+    clf.tta = args.tta
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(args.data)
@@ -122,6 +125,7 @@ def _cmd_predict(args) -> None:
     from .api import load
 
     clf = load(args.run)
+    clf.tta = args.tta
     rows = clf.predictor().predict(args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -153,6 +157,16 @@ def _cmd_demo(args) -> None:
 
 def _add_train_args(p) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or timm:<model> (default: %(default)s)")
+    p.add_argument("--strategy", choices=["frozen", "frozen-aug", "finetune"], default="frozen",
+                   help="frozen: head on cached features; frozen-aug: head on cached augmented views; finetune: "
+                        "then the last layer groups too (default: %(default)s)")
+    p.add_argument("--augment", choices=["none", "light", "strong"],
+                   help="augmentation preset (default: none for frozen, light otherwise)")
+    p.add_argument("--views", type=int, default=5, help="augmented views cached per training image (default: 5)")
+    p.add_argument("--unfreeze", type=int, help="layer groups to fine-tune (default: the backbone's; VGG: block5)")
+    p.add_argument("--finetune-epochs", type=int, default=15)
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="for the last group; earlier ones get less")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--weights", help="weights file (safetensors or PyTorch state dict); default: ImageNet from a "
                                      "package or the hub")
     p.add_argument("--input-size", type=int, help="image side in pixels (default: the weights' own)")
@@ -208,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files or folders")
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")

@@ -132,9 +132,10 @@ def _safe_digest(path) -> str | ImageReadError:
         return ImageReadError(path, f"cannot be read ({exc.strerror or exc})")
 
 
-def _prepare(path, transform, min_size):
+def _prepare(path, transform, min_size, key):
     try:
-        return transform(load_image(path, min_size=min_size))
+        im = load_image(path, min_size=min_size)
+        return transform(im, key) if getattr(transform, "keyed", False) else transform(im)
     except ImageReadError as exc:
         return exc
 
@@ -144,7 +145,6 @@ def extract_features(
     paths: Sequence[str | Path],
     cache: FeatureCache | None = None,
     *,
-    view: dict | None = None,
     transform: Callable | None = None,
     batch_size: int = 32,
     runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -154,14 +154,17 @@ def extract_features(
 ) -> Extraction:
     """Run ``paths`` through ``backbone`` (frozen, eval mode), reusing and filling ``cache``.
 
-    ``view`` names the transform for the cache key (``None`` = the plain eval transform); ``transform``
-    must then be given. Unreadable files are reported in ``errors``, never raised.
+    ``transform`` defaults to the eval transform; another one must have ``spec()`` (its part of the cache
+    key) and, with ``keyed = True``, takes the image's content digest to seed its random draw.
+    Unreadable files are reported in ``errors``, never raised.
     ``runner`` replaces ``backbone`` for the forward pass (an inference engine over the same graph).
     """
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
+    keyed = getattr(transform, "keyed", False)
     key = {"backbone": backbone.name, "weights": backbone.weights_digest,
-           "data_config": backbone.data_config.to_dict(), "view": view or "eval"}
+           "data_config": backbone.data_config.to_dict(),
+           "view": transform.spec() if hasattr(transform, "spec") else "eval"}
     ns = FeatureCache.namespace(key)
     if cache is not None:
         cache.describe(ns, key)
@@ -170,7 +173,7 @@ def extract_features(
     have = torch.zeros(n, dtype=torch.bool)
     errors: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
-        digests = list(pool.map(_safe_digest, paths)) if cache is not None else [None] * n
+        digests = list(pool.map(_safe_digest, paths)) if cache is not None or keyed else [None] * n
         todo = []
         for i, d in enumerate(digests):
             if isinstance(d, ImageReadError):
@@ -203,7 +206,7 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
     min_size = decode_size(backbone.data_config)
     computed = 0
     # decode ahead in threads (Pillow releases the GIL) while the backbone runs on the batch before
-    prepared = pool.map(lambda i: (i, _prepare(paths[i], transform, min_size)), todo)
+    prepared = pool.map(lambda i: (i, _prepare(paths[i], transform, min_size, digests[i])), todo)
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=None if progress is None else not progress,
                leave=False)
     try:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data.images import is_image_name
+from .data.augment import FlipView
 from .features import FeatureCache, extract_features
 
 __all__ = ["Predictor", "collect_images"]
@@ -35,26 +36,33 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """Batched prediction with a model's own preprocessing; bad files give error rows, never a crash."""
 
-    def __init__(self, model, batch_size: int = 32, runner=None):
+    def __init__(self, model, batch_size: int = 32, runner=None, tta: bool = False):
         self.model = model.eval()
         self.batch_size = batch_size
         self.runner = runner
+        self.tta = tta
 
     @property
     def classes(self) -> list[str]:
         return self.model.classes
 
     def probabilities(self, paths: list[Path], cache: FeatureCache | None = None, progress=None):
-        """``(probs (N, n_classes) with NaN rows for unreadable files, errors {index: reason}, extraction)``."""
-        ex = extract_features(self.model.backbone, paths, cache, batch_size=self.batch_size, runner=self.runner,
-                              progress=progress, desc="predict")
+        """``(probs (N, n_classes) with NaN rows for unreadable files, errors {index: reason}, extraction)``.
+
+        With ``tta``, probabilities are averaged over the image and its mirror image."""
+        views = [None, FlipView(self.model.data_config)] if self.tta else [None]
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        if ex.ok:
-            with torch.inference_mode():
-                logits = torch.cat([self.model.head(ex.features[i:i + 4096])
-                                    for i in range(0, len(ex.ok), 4096)])
-            probs[ex.ok] = logits.softmax(-1).numpy()
-        return probs, ex.failed, ex
+        for v, transform in enumerate(views):
+            ex = extract_features(self.model.backbone, paths, cache, transform=transform, batch_size=self.batch_size,
+                                  runner=self.runner, progress=progress, desc="predict")
+            if ex.ok:
+                with torch.inference_mode():
+                    logits = torch.cat([self.model.head(ex.features[i:i + 4096])
+                                        for i in range(0, len(ex.ok), 4096)])
+                p = logits.softmax(-1).numpy()
+                probs[ex.ok] = p if v == 0 else (probs[ex.ok] * v + p) / (v + 1)
+            first = first if v else ex
+        return probs, first.failed, first
 
     def predict(self, inputs: Iterable[str | Path], top_k: int = 1, progress=None) -> list[dict]:
         """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``."""

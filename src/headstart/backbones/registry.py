@@ -100,6 +100,7 @@ class BackboneEntry:
     sources: tuple[WeightSource, ...] = field(default_factory=tuple)
     min_input_size: int = 32
     default_head: str = "avg"
+    finetune_groups: int = 1  # layer groups unfrozen by the finetune recipe unless told otherwise
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}

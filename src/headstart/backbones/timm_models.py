@@ -97,6 +97,7 @@ for _n, _file, _params in (
             timm_hub_source(_timm),
         ),
         default_head="avg",
+        finetune_groups=3,  # stage6, stage7, head_conv: the top ~60% of the parameters
     ))
 
 

@@ -1,0 +1,151 @@
+"""Named training recipes: ``frozen`` (cached features, head only), ``frozen-aug`` (cached augmented views,
+head only) and ``finetune`` (head first, then the last layer groups on activations cached at the boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.augment import AugmentedView, preset
+from ..errors import ConfigError, DatasetError
+from ..features import extract_features
+from ..heads import Head
+from .finetune import finetune_param_groups, split_backbone
+from .head import TrainConfig, class_weights, fit_head
+from .loop import run_loop
+
+__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe"]
+
+log = logging.getLogger("headstart")
+STRATEGIES = ("frozen", "frozen-aug", "finetune")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``augment``: ``none``/``light``/``strong`` (default: none for frozen, light otherwise); ``views``: augmented
+    views cached per training image; ``unfreeze``: layer groups fine-tuned (default: the backbone's own);
+    ``finetune_lr`` for the last group, ``lr_decay`` per earlier group; the head gets ten times ``finetune_lr``."""
+
+    strategy: str = "frozen"
+    augment: str | None = None
+    views: int = 5
+    unfreeze: int | None = None
+    finetune_epochs: int = 15
+    finetune_lr: float = 1e-4
+    lr_decay: float = 0.5
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.views < 1:
+            raise ConfigError(f"views must be >= 1, got {self.views}")
+        preset(self.augmentation)
+
+    @property
+    def augmentation(self) -> str:
+        return self.augment or ("none" if self.strategy == "frozen" else "light")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"augment": self.augmentation}
+
+
+@dataclass
+class TrainResult:
+    head: Head
+    history: list[dict]
+    val_features: torch.Tensor | None   # from the final backbone, for metrics
+    val_ok: list[int]
+    errors: list[tuple[str, str]]       # unreadable files, train and val
+    digests: tuple[list, list]          # content digests of train and val files
+    passes: dict                        # images through the (lower) backbone, per split
+    cached: dict
+
+
+def _extract(source, paths, cache, transform=None, progress=None, desc=""):
+    t0 = time.perf_counter()
+    ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc)
+    log.info("%s: %d images, %d through the backbone, %d from the cache (%.1f s)", desc, len(paths), ex.computed,
+             ex.cached, time.perf_counter() - t0)
+    return ex
+
+
+def _views(source, train, recipe, cache, seed, progress):
+    """The eval view plus ``recipe.views`` augmented views of the training images, aligned on readable files."""
+    base = _extract(source, train.paths, cache, progress=progress, desc="train features")
+    views, passes, cached = [base], base.computed, base.cached
+    aug = preset(recipe.augmentation)
+    if aug is not None and recipe.strategy != "frozen":
+        for v in range(recipe.views):
+            ex = _extract(source, train.paths, cache, AugmentedView(source.data_config, aug, v, seed),
+                          progress, f"train view {v + 1}/{recipe.views}")
+            views.append(ex)
+            passes, cached = passes + ex.computed, cached + ex.cached
+    ok = base.ok
+    tensors = [base.features] + [v.features for v in views[1:]]  # a file readable once is readable in every view
+    return tensors, ok, base, passes, cached
+
+
+def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, cache, *,
+                 checkpoint_dir: Path | None = None, resume: bool = False, progress=None) -> TrainResult:
+    """Run ``recipe``; the backbone (fine-tuned in place for ``finetune``) and ``head`` end trained."""
+    source = backbone
+    upper = None
+    if recipe.strategy == "finetune":
+        unfreeze = recipe.unfreeze or backbone.entry.finetune_groups
+        source, upper = split_backbone(backbone, unfreeze)
+        log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
+                 "x".join(map(str, source.feature_shape)))
+    views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress)
+    y_tr = splits.train.labels[ok]
+    counts = np.bincount(y_tr, minlength=len(splits.train.classes))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(splits.train.classes, counts) if n == 0]
+        raise DatasetError(f"class(es) {empty} have no readable training image after skipping "
+                           f"{len(base.errors)} unreadable file(s); add readable images.")
+    val = None
+    if splits.val is not None and len(splits.val):
+        val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features")
+    y_va = splits.val.labels[val.ok] if val is not None else None
+
+    def top(x):  # boundary activations -> backbone features, in chunks
+        if upper is None:
+            return x
+        upper.eval()
+        with torch.no_grad():
+            return torch.cat([upper(x[i:i + 64]) for i in range(0, len(x), 64)]) if len(x) else x
+
+    history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
+                       progress=progress)
+    for row in history:
+        row["stage"] = "head"
+    if upper is not None:
+        model = nn.Sequential(upper, head)
+        groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * 10, recipe.lr_decay,
+                                       weight_decay=0.01, head_weight_decay=config.weight_decay)
+        loop = config.loop(epochs=recipe.finetune_epochs, patience=max(3, recipe.finetune_epochs // 3),
+                           warmup_epochs=1.0, cosine=True, clip_grad=config.clip_grad or 1.0)
+        weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
+        ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
+        yv = torch.as_tensor(y_va) if val is not None else None
+        best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
+        stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
+                          class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
+                          desc="fine-tune", baseline=best_head)
+        for row in stage2:
+            row["stage"] = "finetune"
+            row["epoch"] += len(history)
+        history += stage2
+        backbone.freeze().eval()
+    val_features = top(val.features) if val is not None else None
+    errors = base.errors + (val.errors if val else [])
+    return TrainResult(head, history, val_features, val.ok if val else [], errors,
+                       (base.digests, val.digests if val else []),
+                       {"train": passes, "val": val.computed if val else 0},
+                       {"train": cached, "val": val.cached if val else 0})
