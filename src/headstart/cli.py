@@ -74,7 +74,7 @@ def _classifier_from_args(args):
     from .api import ImageClassifier
 
     return ImageClassifier(
-        backbone=args.backbone, weights=args.weights or "imagenet", input_size=args.input_size, head=args.head,
+        backbone=args.backbone, weights=None if args.random_init else (args.weights or "imagenet"), input_size=args.input_size, head=args.head,
         hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, patience=args.patience, class_weight="balanced" if args.balanced else None,
         label_smoothing=args.label_smoothing, seed=args.seed,
@@ -169,6 +169,7 @@ def _add_train_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--weights", help="weights file (safetensors or PyTorch state dict); default: ImageNet from a "
                                      "package or the hub")
+    p.add_argument("--random-init", action="store_true", help="random weights instead of pretrained ones")
     p.add_argument("--input-size", type=int, help="image side in pixels (default: the weights' own)")
     p.add_argument("--head", choices=["flatten", "avg"], help="flatten the feature map (Keras recipe) or average-pool "
                                                              "it (default: the backbone's)")

@@ -78,8 +78,13 @@ class Head(nn.Module):
         x = fmap if fmap.ndim == 2 else fmap.flatten(1) if self.config.pool == "flatten" else fmap.mean(dim=(2, 3))
         return torch.nn.functional.normalize(x, dim=1)
 
+    def standardize(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Fixed standardisation, clipped at +-10: a feature that barely varied in training can't blow up
+        the logits when a fine-tuned backbone moves it (or an odd image does)."""
+        return ((pooled - self.shift) * self.scale).clamp(-10.0, 10.0)
+
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.layers((self.pool(fmap) - self.shift) * self.scale)
+        return self.layers(self.standardize(self.pool(fmap)))
 
     @torch.no_grad()
     def fit_standardizer(self, pooled: torch.Tensor) -> None:

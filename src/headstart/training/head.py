@@ -63,10 +63,10 @@ def fit_head(head: Head, x_train, y_train, x_val: torch.Tensor | None = None, y_
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
     pooled = [head.pool(v) for v in views]
     head.fit_standardizer(torch.cat(pooled))
-    inputs = [(p - head.shift) * head.scale for p in pooled]
+    inputs = [head.standardize(p) for p in pooled]
     xv = yv = None
     if x_val is not None and len(x_val):
-        xv = (head.pool(x_val) - head.shift) * head.scale
+        xv = head.standardize(head.pool(x_val))
         yv = torch.as_tensor(np.asarray(y_val), dtype=torch.long)
     _reset(head.layers, config.seed)
     weight = class_weights(y_train.numpy(), head.num_classes) if config.class_weight else None

@@ -87,7 +87,7 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout draws
-    state = {"epoch": 0, "step": 0, "best": baseline, "stale": 0, "history": [], "done": False}
+    state = {"epoch": 0, "step": 0, "best": baseline, "best_epoch": 0, "stale": 0, "history": [], "done": False}
     best_state = copy.deepcopy(module.state_dict())
     if resume and checkpoint is not None and checkpoint.exists():
         best_state = _restore(checkpoint, module, opt, gen, state)
@@ -127,7 +127,7 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
         state["history"].append(row)
         monitored = row["val_loss"] if has_val else row["train_loss"]
         if monitored < state["best"] - 1e-6:
-            state["best"], state["stale"] = monitored, 0
+            state["best"], state["stale"], state["best_epoch"] = monitored, 0, state["epoch"]
             best_state = copy.deepcopy(module.state_dict())
         else:
             state["stale"] += 1
@@ -141,10 +141,8 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
     bar.close()
     module.load_state_dict(best_state)
     module.eval()
-    key = "val_loss" if has_val else "train_loss"
-    best_epoch = min(state["history"], key=lambda r: r[key])["epoch"] if state["history"] else 0
     for row in state["history"]:
-        row["best"] = row["epoch"] == best_epoch
+        row["best"] = row["epoch"] == state["best_epoch"]
     return state["history"]
 
 
@@ -159,11 +157,17 @@ def _evaluate(module, x, y, loss_fn, batch):
     return total / len(x), correct / len(x)
 
 
+def _best_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".best.safetensors")
+
+
 def _save(path: Path, module, opt, gen, state, best_state) -> None:
+    """The last epoch (weights, optimizer, generators, history) in one atomic file; the best epoch's weights
+    in a second file, written right after whenever this epoch is the best. A kill between the two leaves
+    the best equal to the last epoch's weights, which the first file holds."""
     from ..features import atomic_write
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    tensors |= {f"best.{k}": v.detach().contiguous().clone() for k, v in best_state.items()}
     opt_state = opt.state_dict()
     scalars = {}
     for pid, s in opt_state["state"].items():
@@ -178,6 +182,23 @@ def _save(path: Path, module, opt, gen, state, best_state) -> None:
             "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"}
                                         for g in opt_state["param_groups"]])}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if state["best_epoch"] == state["epoch"]:
+        best = {k: v.detach().contiguous() for k, v in best_state.items()}
+        atomic_write(_best_path(path), lambda tmp: save_file(best, tmp, metadata={"epoch": str(state["epoch"])}))
+
+
+def _load_best(path: Path, saved: dict, module, initial: dict) -> dict:
+    from safetensors import safe_open
+
+    if saved["best_epoch"] == saved["epoch"]:
+        return copy.deepcopy(module.state_dict())
+    if saved["best_epoch"] == 0:  # nothing beat the weights training started from (rebuilt the same way)
+        return initial
+    bp = _best_path(path)
+    with safe_open(str(bp), "pt") as f:
+        if (f.metadata() or {}).get("epoch") != str(saved["best_epoch"]):
+            raise RunFormatError(f"{str(bp)!r} does not hold epoch {saved['best_epoch']}; delete the checkpoints")
+    return load_file(str(bp))
 
 
 def _restore(path: Path, module, opt, gen, state) -> dict:
@@ -193,8 +214,9 @@ def _restore(path: Path, module, opt, gen, state) -> dict:
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"checkpoint {str(path)!r} is damaged ({exc}); delete it to start over") from exc
     try:
+        initial = copy.deepcopy(module.state_dict())
         module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        best = _load_best(path, saved, module, initial)
         opt_state = {"state": {}, "param_groups": []}
         for k, v in tensors.items():
             if k.startswith("opt."):
