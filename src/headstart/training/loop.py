@@ -116,7 +116,7 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
             opt.step()
             state["step"] += 1
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y_train[idx]).sum())
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
