@@ -17,7 +17,7 @@ import torch
 from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
-from .errors import DatasetError, NotFittedError
+from .errors import NotFittedError
 from .evaluation import classification_metrics
 from .features import FeatureCache
 from .heads import Head, HeadConfig

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .errors import HeadstartError

@@ -52,6 +52,7 @@ class Predictor:
         With ``tta``, probabilities are averaged over the image and its mirror image."""
         views = [None, FlipView(self.model.data_config)] if self.tta else [None]
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        first = None
         for v, transform in enumerate(views):
             ex = extract_features(self.model.backbone, paths, cache, transform=transform, batch_size=self.batch_size,
                                   runner=self.runner, progress=progress, desc="predict")
@@ -61,7 +62,7 @@ class Predictor:
                                         for i in range(0, len(ex.ok), 4096)])
                 p = logits.softmax(-1).numpy()
                 probs[ex.ok] = p if v == 0 else (probs[ex.ok] * v + p) / (v + 1)
-            first = first if v else ex
+            first = first or ex
         return probs, first.failed, first
 
     def predict(self, inputs: Iterable[str | Path], top_k: int = 1, progress=None) -> list[dict]:

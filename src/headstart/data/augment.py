@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..backbones.registry import DataConfig
 from ..errors import ConfigError
-from .transforms import _RESAMPLE, resize_for, to_tensor
+from .transforms import resize_for, to_tensor
 
 __all__ = ["AugmentConfig", "PRESETS", "AugmentedView", "FlipView"]
 
