@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import headstart
-from conftest import make_folder, make_image
+from conftest import make_folder, make_image, random_vgg_weights
 from headstart.cli import main
 from headstart.data import load_image, load_splits, scan_folder
 from headstart.errors import DatasetError, ImageReadError
@@ -234,18 +234,9 @@ def test_duplicate_warning_reaches_the_cli(tmp_path, capsys):
     root = make_folder(tmp_path / "d", per_class=3, val_per_class=2)
     (root / "val" / "red" / "dup.png").write_bytes((root / "train" / "red" / "red_0.png").read_bytes())
     assert main(["--quiet", "train", str(root), "--out", str(tmp_path / "run"), "--backbone", "vgg16",
-                 "--weights", str(_random_vgg_file(tmp_path)), "--input-size", "32", "--epochs", "2",
+                 "--weights", str(random_vgg_weights(tmp_path / "vgg16-random.safetensors")), "--input-size", "32", "--epochs", "2",
                  "--cache", str(tmp_path / "c")]) == 0
     assert "warning: 1 image(s) are in both train and val" in capsys.readouterr().out
-
-
-def _random_vgg_file(tmp_path) -> Path:
-    from safetensors.torch import save_file
-
-    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
-    path = tmp_path / "vgg16-random.safetensors"
-    save_file({k: v.contiguous() for k, v in bb.body.state_dict().items()}, path)
-    return path
 
 
 # -- clear errors, before any work ------------------------------------------------------------------

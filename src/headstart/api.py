@@ -71,9 +71,10 @@ class ImageClassifier:
             return None
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
 
-    def _extract(self, backbone, ds: Dataset, desc: str):
+    def _extract(self, backbone, ds: Dataset, desc: str, cache: FeatureCache | None | bool = True):
         t0 = time.perf_counter()
-        ex = extract_features(backbone, ds.paths, self._feature_cache(), progress=self.progress, desc=desc)
+        cache = self._feature_cache() if cache is True else cache
+        ex = extract_features(backbone, ds.paths, cache, progress=self.progress, desc=desc)
         log.info("%s: %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)",
                  desc, len(ds), ex.computed, ex.cached, len(ex.errors), time.perf_counter() - t0)
         return ex, ds.labels[ex.ok]
@@ -94,7 +95,11 @@ class ImageClassifier:
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
         log.info("backbone %s (%s), input %s, features %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)))
-        tr, y_tr = self._extract(backbone, splits.train, "train features")
+        cache = self._feature_cache()
+        if cache is not None:  # a doomed cache fails now, not an hour into extraction
+            n_images = sum(len(d) for d in (splits.train, splits.val, splits.test) if d is not None)
+            cache.check_room(n_images, backbone.feature_shape)
+        tr, y_tr = self._extract(backbone, splits.train, "train features", cache)
         counts = np.bincount(y_tr, minlength=len(classes))
         if (counts == 0).any():
             empty = [c for c, n in zip(classes, counts) if n == 0]
@@ -102,7 +107,7 @@ class ImageClassifier:
                                f"{len(tr.errors)} unreadable file(s); add readable images.")
         va = y_va = None
         if splits.val is not None and len(splits.val):
-            va, y_va = self._extract(backbone, splits.val, "val features")
+            va, y_va = self._extract(backbone, splits.val, "val features", cache)
         head = Head(head_config, backbone.feature_shape, len(classes))
         t_head = time.perf_counter()
         history = fit_head(head, tr.features, y_tr, va.features if va else None, y_va, self.train_config,
@@ -114,7 +119,7 @@ class ImageClassifier:
         if va is not None and len(va.ok):
             self.metrics_["val"] = self._metrics(va.features, y_va) | {"skipped": va.errors}
         if splits.test is not None:
-            te, y_te = self._extract(backbone, splits.test, "test features")
+            te, y_te = self._extract(backbone, splits.test, "test features", cache)
             self.metrics_["test"] = self._metrics(te.features, y_te) | {"skipped": te.errors}
         skipped = tr.errors + (va.errors if va else [])
         duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
@@ -130,6 +135,9 @@ class ImageClassifier:
             "ignored": splits.train.ignored,
             "train_val_duplicates": duplicates,
             "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
+            "cache_recomputed": [{"image": img, "entry": entry, "reason": why}
+                                 for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
+            "cache_write_error": cache.write_error if cache is not None else None,
             "backbone_passes": {"train": tr.computed, "val": va.computed if va else 0},
             "from_cache": {"train": tr.cached, "val": va.cached if va else 0},
             "seconds": {"total": time.perf_counter() - t_start, "head_training": time.perf_counter() - t_head},
