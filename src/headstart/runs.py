@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -21,16 +23,40 @@ from . import __version__
 from .backbones.base import create_backbone
 from .backbones.registry import DataConfig
 from .backbones.weights import state_digest
-from .errors import HeadstartError, RunFormatError
+from .errors import HeadstartError, RunFormatError, StorageError
 from .features import atomic_write
 from .heads import Head, HeadConfig
 from .model import ImageModel
 
-__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config"]
+__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config",
+           "check_output_folder"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+def check_output_folder(out: str | Path) -> None:
+    """Make sure a run can be written to ``out`` before any long work, leaving no trace.
+
+    ``out`` may exist (a folder) or not (then its nearest existing parent must be a writable folder).
+
+    Raises:
+        StorageError: ``out`` is a file, lies below a file, or cannot be written.
+    """
+    out = Path(out)
+    probe_in = out
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is a file, not a folder. "
+                           "Choose another --out.")
+    try:  # os.access is not enough: it ignores read-only mounts and says yes to root
+        os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=".headstart-write-test-"))
+    except OSError as exc:
+        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is not writable "
+                           f"({type(exc).__name__}: {exc.strerror or exc}). Choose another --out or fix its "
+                           "permissions.") from exc
 
 
 def write_json(path: Path, obj) -> None:
