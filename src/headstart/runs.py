@@ -115,6 +115,24 @@ def read_config(run: str | Path) -> dict:
     return config
 
 
+_MAX_SIDE = 4096  # a probe pass runs at the input size: a crafted config must not make it huge
+
+
+def _check_sizes(run: Path, data_config: DataConfig, head_cfg: HeadConfig, classes: list, state: dict) -> None:
+    """Refuse, before anything is allocated, a config whose sizes are absurd or disagree with the weights."""
+    if not all(isinstance(s, int) and 1 <= s <= _MAX_SIDE for s in data_config.input_size):
+        raise RunFormatError(f"{str(run / CONFIG_FILE)!r} asks for input size {data_config.input_size}; expected "
+                             f"sides from 1 to {_MAX_SIDE}. The config was altered; retrain or restore the run.")
+    widths = [*head_cfg.hidden, len(classes)]
+    names = [*(f"head.layers.dense_{i}.weight" for i in range(len(head_cfg.hidden))), "head.layers.predictions.weight"]
+    for name, width in zip(names, widths):
+        t = state.get(name)
+        if t is None or t.ndim != 2 or t.shape[0] != width:
+            raise RunFormatError(f"the weights in {str(run)!r} do not match its config: {name} is "
+                                 f"{None if t is None else tuple(t.shape)}, the config needs {width} outputs. "
+                                 "The run was altered or mixed up; retrain or restore it.")
+
+
 def load_model(run: str | Path) -> tuple[ImageModel, dict]:
     """Rebuild the model saved in ``run`` (offline: no weights are fetched) and return it with its config.
 
@@ -134,6 +152,7 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
         state = load_file(str(run / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
+    _check_sizes(run, data_config, head_cfg, classes, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
         head = Head(head_cfg, backbone.feature_shape, len(classes))
