@@ -19,7 +19,8 @@ from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
 from .errors import DatasetError, NotFittedError
 from .evaluation import classification_metrics
-from .features import FeatureCache, extract_features
+from .data.suspects import find_suspects
+from .features import FeatureCache, default_threads, extract_features
 from .heads import Head, HeadConfig
 from .model import ImageModel
 from .predict import Predictor
@@ -121,6 +122,11 @@ class ImageClassifier:
         if splits.test is not None:
             te, y_te = self._extract(backbone, splits.test, "test features", cache)
             self.metrics_["test"] = self._metrics(te.features, y_te) | {"skipped": te.errors}
+        t_check = time.perf_counter()
+        suspects = _suspects(splits.train, tr) + (_suspects(splits.val, va) if va else [])
+        if suspects:
+            log.warning("%d suspect image(s) kept in the data (listed in data.json under suspect_images), e.g. %s: %s",
+                        len(suspects), suspects[0]["path"], suspects[0]["reason"])
         skipped = tr.errors + (va.errors if va else [])
         duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
         if duplicates:
@@ -134,13 +140,15 @@ class ImageClassifier:
             "skipped_unreadable": skipped,
             "ignored": splits.train.ignored,
             "train_val_duplicates": duplicates,
+            "suspect_images": suspects,
             "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
             "cache_recomputed": [{"image": img, "entry": entry, "reason": why}
                                  for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
             "cache_write_error": cache.write_error if cache is not None else None,
             "backbone_passes": {"train": tr.computed, "val": va.computed if va else 0},
             "from_cache": {"train": tr.cached, "val": va.cached if va else 0},
-            "seconds": {"total": time.perf_counter() - t_start, "head_training": time.perf_counter() - t_head},
+            "seconds": {"total": time.perf_counter() - t_start, "head_training": t_check - t_head,
+                        "suspect_check": time.perf_counter() - t_check},
         }
         return self
 
@@ -201,6 +209,12 @@ class ImageClassifier:
 def load(run: str | Path) -> ImageClassifier:
     """A trained classifier from a run folder (or, see ``export``, an ONNX file)."""
     return ImageClassifier.load(run)
+
+
+def _suspects(ds: Dataset, ex) -> list[dict]:
+    """Suspect images among the readable files of ``ds`` (see ``data.suspects``)."""
+    return find_suspects([ds.paths[i] for i in ex.ok], ds.labels[ex.ok].tolist(), ds.classes,
+                         [ex.digests[i] for i in ex.ok], threads=default_threads())
 
 
 def _shared_images(train: Dataset, train_digests, val: Dataset | None, val_digests) -> list[list[str]]:

@@ -113,6 +113,11 @@ def _print_train_report(clf, out) -> None:
         print(f"recomputed damaged feature cache entries: {len(r['cache_recomputed'])} (listed in {out}/data.json)")
     if r.get("cache_write_error"):
         print(f"warning: the feature cache could not be written ({r['cache_write_error']}); features were not kept")
+    if r.get("suspect_images"):
+        print(f"warning: {len(r['suspect_images'])} suspect image(s) kept in the data; look at them "
+              f"(listed in {out}/data.json):")
+        for row in r["suspect_images"][:5]:
+            print(f"  {row['path']}: {row['reason']}")
     if r["train_val_duplicates"]:
         print(f"warning: {len(r['train_val_duplicates'])} image(s) are in both train and val")
     line = f"best epoch {best['epoch']} of {len(clf.history_)}"

@@ -222,7 +222,8 @@ def extract_features(
     errors: dict[int, str] = {}
     recomputed: list[tuple[str, str, str]] = []
     with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
-        digests = list(pool.map(_safe_digest, paths)) if cache is not None else [None] * n
+        # content digests key the cache and also find the same image twice (train/val, suspects): always taken
+        digests = list(pool.map(_safe_digest, paths))
         todo = []
         for i, d in enumerate(digests):
             if isinstance(d, ImageReadError):
