@@ -4,6 +4,7 @@ a doomed cache fails before extraction; a cache that fills up mid-run costs spee
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,20 @@ def _damage(path: Path, how: str) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training that filled a cache: (data, its keyword arguments, the classifier, the cache)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_folder(root / "d", per_class=3, val_per_class=1)
+    kw = FAST | {"weights": random_vgg_weights(root / "w.safetensors"), "cache": root / "cache"}
+    return data, kw, headstart.ImageClassifier(**kw).fit(data), root / "cache"
+
+
 @pytest.mark.parametrize("how", ["flipped", "truncated", "garbage", "empty"])
-def test_damaged_entry_is_detected_reported_and_recomputed(tmp_path, how):
-    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
-    cache = tmp_path / "cache"
-    kw = FAST | {"weights": random_vgg_weights(tmp_path / "w.safetensors"), "cache": cache}
-    first = headstart.ImageClassifier(**kw).fit(data)
+def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, how):
+    data, kw, first, pristine = trained
+    cache = shutil.copytree(pristine, tmp_path / "cache")
+    kw = kw | {"cache": cache}
     entries = _entries(cache)
     assert len(entries) == 8 and first.report_["cache_recomputed"] == []
     victim = entries[3]
@@ -95,8 +104,6 @@ def test_a_damaged_entry_is_never_served(one_entry, edits, cut):
 
 
 def test_not_enough_disk_for_the_cache_fails_before_extraction(tmp_path, monkeypatch, image_folder):
-    import shutil
-
     monkeypatch.setattr(headstart.features.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(headstart.api, "extract_features", _must_not_run)

@@ -94,3 +94,11 @@ def test_a_blank_frame_among_grayscale_digits_is_still_flagged(tmp_path):
 def test_hymenoptera_placeholder_is_the_one_suspect():
     rows = _suspects_of(HYMENOPTERA)
     assert [(Path(r["path"]).name, r["class"]) for r in rows] == [("imageNotFound.gif", "ants")]
+
+
+def test_train_val_duplicates_are_found_without_a_cache(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    shutil.copy(root / "train" / "red" / "red_2.png", root / "val" / "red" / "again.png")
+    clf = headstart.ImageClassifier(**FAST, cache=False).fit(root)
+    assert [[Path(a).name, Path(b).name] for a, b in clf.report_["train_val_duplicates"]] == [["red_2.png",
+                                                                                               "again.png"]]
