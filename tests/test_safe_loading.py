@@ -13,7 +13,7 @@ import pytest
 
 import headstart
 import headstart.runs
-from conftest import make_folder
+from conftest import make_folder, random_vgg_weights
 from headstart.errors import RunFormatError
 
 FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=3, patience=3, cache=False)
@@ -84,8 +84,24 @@ def test_weights_from_another_run_are_refused_before_building(runs, tmp_path):
     root, two, three = runs
     run = _copy(two, tmp_path / "run")
     shutil.copy(three / "model.safetensors", run / "model.safetensors")
+    with pytest.raises(RunFormatError, match="come from different saves"):
+        headstart.load(run)
+    _edit(run, lambda c: c.pop("model_digest"))  # a run saved before the digest was recorded
     with pytest.raises(RunFormatError, match=r"do not match its config: head.layers.predictions.weight is \(3, "):
         headstart.load(run)
+
+
+def test_a_head_from_another_save_cannot_shift_labels(tmp_path):
+    """Same backbone, same shapes, other classes: without the model digest this would load and mislabel."""
+    weights = random_vgg_weights(tmp_path / "w.safetensors")
+    kw = FAST | {"weights": weights}
+    a = headstart.ImageClassifier(**kw).fit(make_folder(tmp_path / "a", classes=("blue", "red"), per_class=3,
+                                                        val_per_class=1)).save(tmp_path / "run-a")
+    b = headstart.ImageClassifier(**kw).fit(make_folder(tmp_path / "b", classes=("green", "red"), per_class=3,
+                                                        val_per_class=1)).save(tmp_path / "run-b")
+    shutil.copy(b / "model.safetensors", a / "model.safetensors")  # as a save killed between the two files
+    with pytest.raises(RunFormatError, match="come from different saves"):
+        headstart.load(a)
 
 
 @pytest.mark.parametrize("change,message", [

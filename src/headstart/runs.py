@@ -90,6 +90,9 @@ def save_model(model: ImageModel, out: str | Path, training: dict | None = None)
         "classes": model.classes,
         "head": model.head.config.to_dict(),
         "training": training or {},
+        # the whole file's content: a config.json from another save (an interrupted re-save, files mixed by
+        # hand) is refused instead of pairing these weights with other classes
+        "model_digest": state_digest(state),
     }
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "headstart-model"}))
     write_json(out / CONFIG_FILE, config)
@@ -152,6 +155,10 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
         state = load_file(str(run / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
+    if "model_digest" in config and state_digest(state) != config["model_digest"]:
+        raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} and {CONFIG_FILE} in {str(run)!r} come from different "
+                             "saves (a save interrupted between the two files, or files copied in by hand); "
+                             "save or train the run again.")
     _check_sizes(run, data_config, head_cfg, classes, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
