@@ -118,3 +118,63 @@ def test_two_trainings_sharing_one_cache_at_once(tmp_path):
     bb = headstart.create_backbone("vgg16", weights=weights, input_size=32)
     fresh = extract_features(bb, files, cache=None).features
     torch.testing.assert_close(extract_features(bb, files, FeatureCache(cache)).features, fresh, atol=1e-5, rtol=1e-4)
+
+
+# saves two trained models in turn into one run folder until killed; every file write pauses after the rename
+SAVE_LOOP = r"""
+import sys, time
+from pathlib import Path
+data_a, data_b, weights, out, ready = sys.argv[1:6]
+import headstart, headstart.runs as R
+kw = dict(backbone="vgg16", weights=weights, input_size=32, epochs=1, cache=False, progress=False)
+a = headstart.ImageClassifier(**kw).fit(data_a)
+b = headstart.ImageClassifier(**kw).fit(data_b)
+real = R.atomic_write
+def slow(path, *args, **k):
+    real(path, *args, **k)
+    # widen the gap between weights and config; in steps, so time spent stopped does not use it up
+    for _ in range(40 if path.name == "model.safetensors" else 1):
+        time.sleep(0.01)
+R.atomic_write = slow
+a.save(out)
+Path(ready).touch()
+while True:
+    b.save(out)
+    a.save(out)
+"""
+
+
+def test_a_run_stopped_at_any_point_of_a_save_holds_the_old_model_or_the_new_one(tmp_path):
+    weights = random_vgg_weights(tmp_path / "w.safetensors")
+    data_a = make_folder(tmp_path / "a", classes=("blue", "red"), per_class=2, val_per_class=1)
+    data_b = make_folder(tmp_path / "b", classes=("green", "red"), per_class=2, val_per_class=1)
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    env = os.environ | {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outcomes, mixed = [], 0
+    rng = np.random.default_rng(0)
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(data_a), str(data_b), str(weights), str(out),
+                             str(ready)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    # stop the writer at random moments (SIGSTOP: the files are what a SIGKILL then would leave) and look
+    for _ in range(12):
+        time.sleep(float(rng.uniform(0.0, 0.1)))
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            for name in ("config.json", "metrics.json", "data.json"):
+                json.loads((out / name).read_text())  # every file whole
+            loaded = tuple(headstart.load(out).classes_)
+            outcomes.append(loaded)
+            mixed += loaded != tuple(json.loads((out / "config.json").read_text())["classes"])
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert set(outcomes) <= {("blue", "red"), ("green", "red")}  # the old model or the new one, never a mix
+    assert len(outcomes) == 12
+    assert mixed >= 1  # some stops fell between the weights and config.json, and were read right
+    print("reader saw:", outcomes, "stops between weights and config:", mixed)
+    for name in ("config.json", "metrics.json", "data.json"):
+        json.loads((out / name).read_text())

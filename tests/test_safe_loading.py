@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import headstart
 import headstart.runs
@@ -80,10 +81,19 @@ def test_paths_in_a_crafted_config_are_never_opened(runs, tmp_path, monkeypatch)
     assert {Path(p).name for p in ours} == {"config.json", "model.safetensors"}
 
 
-def test_weights_from_another_run_are_refused_before_building(runs, tmp_path):
+def _strip_embedded_config(run: Path) -> None:
+    """Rewrite the weights without the config they carry, as a hand-made or older file would be."""
+    state = load_file(str(run / "model.safetensors"))
+    save_file(state, str(run / "model.safetensors"), metadata={"format": "headstart-model"})
+
+
+def test_weights_from_another_save_bring_their_own_config_or_are_refused(runs, tmp_path, caplog):
     root, two, three = runs
     run = _copy(two, tmp_path / "run")
     shutil.copy(three / "model.safetensors", run / "model.safetensors")
+    assert headstart.load(run).classes_ == ["blue", "green", "red"]  # the weights' own classes, never two's
+    assert "from another save" in caplog.text
+    _strip_embedded_config(run)
     with pytest.raises(RunFormatError, match="come from different saves"):
         headstart.load(run)
     _edit(run, lambda c: c.pop("model_digest"))  # a run saved before the digest was recorded
@@ -97,9 +107,14 @@ def test_a_head_from_another_save_cannot_shift_labels(tmp_path):
     kw = FAST | {"weights": weights}
     a = headstart.ImageClassifier(**kw).fit(make_folder(tmp_path / "a", classes=("blue", "red"), per_class=3,
                                                         val_per_class=1)).save(tmp_path / "run-a")
-    b = headstart.ImageClassifier(**kw).fit(make_folder(tmp_path / "b", classes=("green", "red"), per_class=3,
-                                                        val_per_class=1)).save(tmp_path / "run-b")
+    b_data = make_folder(tmp_path / "b", classes=("green", "red"), per_class=3, val_per_class=1)
+    b = headstart.ImageClassifier(**kw).fit(b_data).save(tmp_path / "run-b")
     shutil.copy(b / "model.safetensors", a / "model.safetensors")  # as a save killed between the two files
+    loaded = headstart.load(a)
+    assert loaded.classes_ == ["green", "red"]
+    files = sorted((b_data / "val").rglob("*.png"))
+    assert loaded.predict(files) == [f.parent.name for f in files]
+    _strip_embedded_config(a)
     with pytest.raises(RunFormatError, match="come from different saves"):
         headstart.load(a)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -33,6 +34,7 @@ __all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+log = logging.getLogger("headstart")
 CONFIG_FILE = "config.json"
 
 
@@ -94,7 +96,10 @@ def save_model(model: ImageModel, out: str | Path, training: dict | None = None)
         # hand) is refused instead of pairing these weights with other classes
         "model_digest": state_digest(state),
     }
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "headstart-model"}))
+    # the weights file carries its own copy of the config: a save killed between the two renames leaves
+    # weights that still know their classes, so a reader gets the new model or the old one, never a mix
+    meta = {"format": "headstart-model", "config": json.dumps(config, default=str)}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
     write_json(out / CONFIG_FILE, config)
     return out
 
@@ -109,7 +114,11 @@ def read_config(run: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{str(path)!r} is damaged ({exc}); retrain or restore the run") from exc
-    if config.get("format") != "headstart-model":
+    return _checked_format(config, run, path)
+
+
+def _checked_format(config, run: Path, path: Path) -> dict:
+    if not isinstance(config, dict) or config.get("format") != "headstart-model":
         raise RunFormatError(f"{str(path)!r} is not a headstart model config")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
@@ -136,6 +145,25 @@ def _check_sizes(run: Path, data_config: DataConfig, head_cfg: HeadConfig, class
                                  "The run was altered or mixed up; retrain or restore it.")
 
 
+def _config_inside_weights(run: Path, state: dict) -> dict:
+    """The config the weights file was saved with, when config.json is from another save; else an error."""
+    path = run / WEIGHTS_FILE
+    different = RunFormatError(f"{str(path)!r} and {CONFIG_FILE} in {str(run)!r} come from different saves (files "
+                               "copied in by hand, or a save interrupted by an older headstart); save or train "
+                               "the run again.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "null"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise different from exc
+    if not isinstance(config, dict) or config.get("model_digest") != state_digest(state):
+        raise different
+    config = _checked_format(config, run, path)
+    log.warning("%s is from another save than %s (an interrupted save?); using the config saved with the weights "
+                "(classes %s). Save the run again to make them agree.", run / CONFIG_FILE, path, config.get("classes"))
+    return config
+
+
 def load_model(run: str | Path) -> tuple[ImageModel, dict]:
     """Rebuild the model saved in ``run`` (offline: no weights are fetched) and return it with its config.
 
@@ -156,9 +184,14 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
     except (SafetensorError, OSError) as exc:
         raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
     if "model_digest" in config and state_digest(state) != config["model_digest"]:
-        raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} and {CONFIG_FILE} in {str(run)!r} come from different "
-                             "saves (a save interrupted between the two files, or files copied in by hand); "
-                             "save or train the run again.")
+        config = _config_inside_weights(run, state)
+        try:
+            bb_cfg, classes = config["backbone"], list(config["classes"])
+            data_config = DataConfig.from_dict(config["data_config"])
+            head_cfg = HeadConfig.from_dict(config["head"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFormatError(f"the config inside {str(run / WEIGHTS_FILE)!r} lacks or garbles a field "
+                                 f"({exc})") from exc
     _check_sizes(run, data_config, head_cfg, classes, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
