@@ -151,3 +151,15 @@ def test_extraction_without_damage_reports_nothing(tmp_path, image_folder):
 
 def _must_not_run(*a, **k):
     raise AssertionError("this must not be reached")
+
+
+def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
+    """A re-run whose features are all stored is not refused for lack of room it will not use."""
+    import shutil
+
+    kw = FAST | {"weights": random_vgg_weights(tmp_path / "w.safetensors"), "cache": tmp_path / "c"}
+    headstart.ImageClassifier(**kw).fit(image_folder)
+    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    again = headstart.ImageClassifier(**kw).fit(image_folder)
+    assert again.report_["from_cache"] == {"train": 16, "val": 8}

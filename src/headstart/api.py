@@ -20,7 +20,7 @@ from .data.datasets import Dataset, load_dataset, load_splits
 from .errors import DatasetError, NotFittedError
 from .evaluation import classification_metrics
 from .data.suspects import find_suspects
-from .features import FeatureCache, default_threads, extract_features
+from .features import FeatureCache, cache_key, default_threads, extract_features
 from .heads import Head, HeadConfig
 from .model import ImageModel
 from .predict import Predictor
@@ -99,7 +99,7 @@ class ImageClassifier:
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
             n_images = sum(len(d) for d in (splits.train, splits.val, splits.test) if d is not None)
-            cache.check_room(n_images, backbone.feature_shape)
+            cache.check_room(n_images, backbone.feature_shape, cache_key(backbone))
         tr, y_tr = self._extract(backbone, splits.train, "train features", cache)
         counts = np.bincount(y_tr, minlength=len(classes))
         if (counts == 0).any():

@@ -32,7 +32,7 @@ from .data.transforms import EvalTransform, decode_size
 from .errors import ImageReadError, StorageError
 
 __all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
-           "atomic_write"]
+           "cache_key", "atomic_write"]
 
 log = logging.getLogger("headstart")
 
@@ -127,15 +127,19 @@ class FeatureCache:
             log.warning("cannot write to the feature cache %s (%s); going on without storing features",
                         self.root, self.write_error)
 
-    def check_room(self, n_images: int, feature_shape: Sequence[int]) -> None:
+    def check_room(self, n_images: int, feature_shape: Sequence[int], key: dict | None = None) -> None:
         """Fail before extraction when the cache folder cannot be written or its disk lacks room.
 
-        The estimate is ``n_images`` entries of ``prod(feature_shape)`` float32 values plus a header each;
-        entries already in the cache are counted too, so the estimate errs on the safe side.
+        The estimate is ``n_images`` entries of ``prod(feature_shape)`` float32 values plus a header each,
+        less the entries already stored under ``key`` (``cache_key``), if given.
 
         Raises:
             StorageError: the folder cannot be created or written, or the free space is below the estimate.
         """
+        stored = 0
+        if key is not None and (self.root / self.namespace(key)).is_dir():
+            stored = sum(1 for _ in (self.root / self.namespace(key)).glob("*/*.safetensors"))
+        n_images = max(0, n_images - stored)
         need = n_images * entry_bytes(feature_shape)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,12 @@ class FeatureCache:
             raise StorageError(f"The feature cache in {str(self.root)!r} needs about {_mb(need)} for {n_images} "
                                f"images ({_mb(entry_bytes(feature_shape))} each) but its disk has {_mb(free)} free. "
                                "Free some space, point --cache to a bigger disk, or use --no-cache.")
+
+
+def cache_key(backbone, view: dict | None = None) -> dict:
+    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
+    return {"backbone": backbone.name, "weights": backbone.weights_digest,
+            "data_config": backbone.data_config.to_dict(), "view": view or "eval"}
 
 
 def entry_bytes(feature_shape: Sequence[int]) -> int:
@@ -211,8 +221,7 @@ def extract_features(
     """
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
-    key = {"backbone": backbone.name, "weights": backbone.weights_digest,
-           "data_config": backbone.data_config.to_dict(), "view": view or "eval"}
+    key = cache_key(backbone, view)
     ns = FeatureCache.namespace(key)
     if cache is not None:
         cache.describe(ns, key)
