@@ -163,3 +163,11 @@ def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     again = headstart.ImageClassifier(**kw).fit(image_folder)
     assert again.report_["from_cache"] == {"train": 16, "val": 8}
+
+
+def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
+    cache = FeatureCache(tmp_path / "a-file" / "cache")
+    ex = extract_features(bb, sorted(image_folder.rglob("*.png")), cache)
+    assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error

@@ -17,9 +17,9 @@ import torch
 from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
+from .data.suspects import find_suspects
 from .errors import DatasetError, NotFittedError
 from .evaluation import classification_metrics
-from .data.suspects import find_suspects
 from .features import FeatureCache, cache_key, default_threads, extract_features
 from .heads import Head, HeadConfig
 from .model import ImageModel

@@ -90,8 +90,11 @@ class FeatureCache:
 
     def describe(self, ns: str, key: dict) -> None:
         p = self.root / ns / "key.json"
-        if not p.exists():
-            atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
+        if not p.exists() and self.write_error is None:
+            try:
+                atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
+            except OSError as exc:
+                self._write_failed(exc)
 
     def get(self, ns: str, digest: str) -> torch.Tensor | None:
         p = self._path(ns, digest)
@@ -123,9 +126,12 @@ class FeatureCache:
         try:
             atomic_write(self._path(ns, digest), lambda tmp: save_file({"features": t}, tmp, metadata=meta))
         except (OSError, SafetensorError) as exc:
-            self.write_error = f"{type(exc).__name__}: {exc}"
-            log.warning("cannot write to the feature cache %s (%s); going on without storing features",
-                        self.root, self.write_error)
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: Exception) -> None:
+        self.write_error = f"{type(exc).__name__}: {exc}"
+        log.warning("cannot write to the feature cache %s (%s); going on without storing features",
+                    self.root, self.write_error)
 
     def check_room(self, n_images: int, feature_shape: Sequence[int], key: dict | None = None) -> None:
         """Fail before extraction when the cache folder cannot be written or its disk lacks room.
