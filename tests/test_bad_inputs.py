@@ -257,6 +257,13 @@ def test_class_folders_differing_only_in_case_are_a_clear_error(tmp_path):
         load_splits(root)
 
 
+def test_a_val_class_differing_from_train_only_in_case_is_a_clear_error(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2, val_per_class=1)
+    (root / "val" / "red").rename(root / "val" / "Red")
+    with pytest.raises(DatasetError, match=r"only in case: 'Red' \(training has 'red'\)\. Rename"):
+        load_splits(root)
+
+
 def test_a_class_missing_from_val_does_not_shift_labels(tmp_path):
     root = make_folder(tmp_path / "d", classes=("blue", "green", "red"), per_class=2, val_per_class=1)
     for p in (root / "val" / "green").iterdir():
