@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -47,7 +47,11 @@ def _seed_files() -> dict[str, bytes]:
 
 
 SEEDS = _seed_files()
-_DIR = Path(tempfile.mkdtemp(prefix="headstart-fuzz-"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
 
 
 @st.composite
@@ -80,8 +84,8 @@ anything = st.one_of(
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=anything, ext=st.sampled_from([".jpg", ".png", ".gif"]))
-def test_any_bytes_give_rgb_or_our_error(data, ext):
-    path = _DIR / f"fuzz{ext}"
+def test_any_bytes_give_rgb_or_our_error(fuzz_dir, data, ext):
+    path = fuzz_dir / f"fuzz{ext}"
     path.write_bytes(data)
     try:
         im = load_image(path, min_size=8)
@@ -92,8 +96,8 @@ def test_any_bytes_give_rgb_or_our_error(data, ext):
     np.asarray(im)  # the pixels are really there
 
 
-def test_the_seeds_themselves_decode():
+def test_the_seeds_themselves_decode(fuzz_dir):
     for name, data in SEEDS.items():
-        path = _DIR / f"seed-{name}"
+        path = fuzz_dir / f"seed-{name}"
         path.write_bytes(data)
         assert load_image(path).mode == "RGB", name
