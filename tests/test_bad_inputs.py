@@ -21,7 +21,7 @@ from PIL import Image
 import headstart
 from conftest import make_folder, make_image, random_vgg_weights
 from headstart.cli import main
-from headstart.data import load_image, load_splits, scan_folder
+from headstart.data import load_image, load_splits
 from headstart.errors import DatasetError, ImageReadError
 
 FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=30, patience=30)
@@ -234,8 +234,8 @@ def test_duplicate_warning_reaches_the_cli(tmp_path, capsys):
     root = make_folder(tmp_path / "d", per_class=3, val_per_class=2)
     (root / "val" / "red" / "dup.png").write_bytes((root / "train" / "red" / "red_0.png").read_bytes())
     assert main(["--quiet", "train", str(root), "--out", str(tmp_path / "run"), "--backbone", "vgg16",
-                 "--weights", str(random_vgg_weights(tmp_path / "vgg16-random.safetensors")), "--input-size", "32", "--epochs", "2",
-                 "--cache", str(tmp_path / "c")]) == 0
+                 "--weights", str(random_vgg_weights(tmp_path / "vgg16-random.safetensors")), "--input-size", "32",
+                 "--epochs", "2", "--cache", str(tmp_path / "c")]) == 0
     assert "warning: 1 image(s) are in both train and val" in capsys.readouterr().out
 
 
