@@ -50,3 +50,14 @@ def image_folder(tmp_path) -> Path:
 def needs_shared(*paths):
     missing = [p for p in paths if not Path(p).exists()]
     return pytest.mark.skipif(bool(missing), reason=f"needs {missing} (../shared beside the checkout)")
+
+
+def random_vgg_weights(path: Path, input_size: int = 32) -> Path:
+    """A VGG16 weights file of random values: processes given it build the same backbone and share a cache."""
+    from safetensors.torch import save_file
+
+    from headstart import create_backbone
+
+    torch_state = create_backbone("vgg16", weights=None, input_size=input_size).body.state_dict()
+    save_file({k: v.contiguous() for k, v in torch_state.items()}, str(path))
+    return path

@@ -17,9 +17,10 @@ import torch
 from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
+from .data.suspects import find_suspects
 from .errors import NotFittedError
 from .evaluation import classification_metrics
-from .features import FeatureCache
+from .features import FeatureCache, cache_key, default_threads
 from .heads import Head, HeadConfig
 from .model import ImageModel
 from .predict import Predictor
@@ -99,8 +100,14 @@ class ImageClassifier:
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
                  self.recipe.strategy)
+        cache = self._feature_cache()
+        if cache is not None:  # a doomed cache fails now, not an hour into extraction
+            views = 1 + (self.recipe.views if self.recipe.strategy != "frozen" else 0)
+            n_images = sum(len(d) * (views if d is splits.train else 1)
+                           for d in (splits.train, splits.val, splits.test) if d is not None)
+            cache.check_room(n_images, backbone.feature_shape, cache_key(backbone))
         head = Head(head_config, backbone.feature_shape, len(classes))
-        result = train_recipe(self.recipe, backbone, splits, head, self.train_config, self._feature_cache(),
+        result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
                               progress=self.progress)
         self.model_ = ImageModel(backbone, head, classes).eval()
@@ -112,7 +119,12 @@ class ImageClassifier:
             self.metrics_["val"] = self._metrics(result.val_features, y_va)
         if splits.test is not None:
             self.metrics_["test"] = self.evaluate(splits.test.root)
-        duplicates = _shared_images(splits.train, result.digests[0], splits.val, result.digests[1])
+        tr, va = result.train_extraction, result.val_extraction
+        suspects = _suspects(splits.train, tr) + (_suspects(splits.val, va) if va else [])
+        if suspects:
+            log.warning("%d suspect image(s) kept in the data (listed in data.json under suspect_images), e.g. %s: %s",
+                        len(suspects), suspects[0]["path"], suspects[0]["reason"])
+        duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
         if duplicates:
             log.warning("%d image(s) appear in both train and val (same content), e.g. %s; val accuracy will be "
                         "optimistic", len(duplicates), duplicates[0])
@@ -125,7 +137,11 @@ class ImageClassifier:
             "skipped_unreadable": result.errors,
             "ignored": splits.train.ignored,
             "train_val_duplicates": duplicates,
+            "suspect_images": suspects,
             "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
+            "cache_recomputed": [{"image": img, "entry": entry, "reason": why}
+                                 for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
+            "cache_write_error": cache.write_error if cache is not None else None,
             "backbone_passes": result.passes,
             "from_cache": result.cached,
             "seconds": {"total": time.perf_counter() - t_start},
@@ -195,6 +211,12 @@ class ImageClassifier:
 def load(run: str | Path) -> ImageClassifier:
     """A trained classifier from a run folder (or, see ``export``, an ONNX file)."""
     return ImageClassifier.load(run)
+
+
+def _suspects(ds: Dataset, ex) -> list[dict]:
+    """Suspect images among the readable files of ``ds`` (see ``data.suspects``)."""
+    return find_suspects([ds.paths[i] for i in ex.ok], ds.labels[ex.ok].tolist(), ds.classes,
+                         [ex.digests[i] for i in ex.ok], threads=default_threads())
 
 
 def _shared_images(train: Dataset, train_digests, val: Dataset | None, val_digests) -> list[list[str]]:

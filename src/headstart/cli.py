@@ -1,21 +1,23 @@
 """The ``headstart`` command: parses, calls the public API, prints. Errors become one line (``--debug``: traceback).
 
-Exit codes: 0 ok, 1 failure (a headstart error: bad data, weights, run), 2 usage.
+Exit codes: 0 ok, 1 failure (bad data, weights, run, disk), 2 usage, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import HeadstartError
 
-__all__ = ["main"]
+__all__ = ["main", "error_message", "build_parser"]
 
 EXAMPLES = """examples:
   headstart demo                                   # offline end-to-end run on scikit-learn's digits
@@ -25,6 +27,13 @@ EXAMPLES = """examples:
   headstart train photos/ --out run --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
   headstart evaluate run photos/val --format json
   headstart predict run new_photos/ --top-k 3 --format csv
+  headstart predict run -- -photo-with-leading-dash.jpg
+
+exit codes:
+  0    ok (unreadable images are skipped and listed; they do not fail a run)
+  1    failure: one line "error: ..." says what was wrong and what to do (--debug shows the traceback)
+  2    usage: unknown command or option, missing argument
+  130  interrupted (Ctrl-C); features computed so far stay in the cache and a re-run reuses them
 """
 
 
@@ -83,6 +92,9 @@ def _classifier_from_args(args):
 
 
 def _cmd_train(args) -> None:
+    from .runs import check_output_folder
+
+    check_output_folder(args.out)  # before the data scan and feature extraction, not after
     clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test, out=args.out, resume=args.resume)
     clf.save(args.out)
     _print_train_report(clf, args.out)
@@ -98,6 +110,15 @@ def _print_train_report(clf, out) -> None:
         print(f"skipped {len(r['skipped_unreadable'])} unreadable file(s) (listed in {out}/data.json):")
         for p, reason in r["skipped_unreadable"][:10]:
             print(f"  {p}: {reason}")
+    if r.get("cache_recomputed"):
+        print(f"recomputed damaged feature cache entries: {len(r['cache_recomputed'])} (listed in {out}/data.json)")
+    if r.get("cache_write_error"):
+        print(f"warning: the feature cache could not be written ({r['cache_write_error']}); features were not kept")
+    if r.get("suspect_images"):
+        print(f"warning: {len(r['suspect_images'])} suspect image(s) kept in the data; look at them "
+              f"(listed in {out}/data.json):")
+        for row in r["suspect_images"][:5]:
+            print(f"  {row['path']}: {row['reason']}")
     if r["train_val_duplicates"]:
         print(f"warning: {len(r['train_val_duplicates'])} image(s) are in both train and val")
     line = f"best epoch {best['epoch']} of {len(clf.history_)}"
@@ -241,25 +262,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(exc: BaseException) -> str:
+    """The one line the CLI prints for an exception: what went wrong and what to do.
+
+    headstart's own errors already say both; the few outside errors a run can meet get the fix added here.
+    """
+    if isinstance(exc, HeadstartError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        text = (f"no space left on the device ({exc.filename or exc}); free some space, write the run or the "
+                "cache (--cache) elsewhere, or use --no-cache")
+    elif isinstance(exc, PermissionError):
+        text = f"permission denied: {exc.filename or exc}; fix its permissions or choose another path"
+    elif isinstance(exc, FileNotFoundError):
+        text = f"no such file or folder: {exc.filename or exc}; check the path"
+    elif isinstance(exc, OSError):
+        text = f"{type(exc).__name__}: {exc}; run with --debug for the traceback"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory; use a smaller --batch-size or --input-size, or fewer images at once"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return "error: " + " ".join(text.split())  # one line, whatever the message held
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv``; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     try:
         args.func(args)
-    except HeadstartError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print("interrupted; features computed so far stay in the cache and a re-run reuses them", file=sys.stderr)
         return 130
-    except (OSError, MemoryError) as exc:
+    except (HeadstartError, OSError, MemoryError) as exc:
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        print(error_message(exc), file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,7 @@ __all__ = [
     "RunFormatError",
     "NotFittedError",
     "ConfigError",
+    "StorageError",
 ]
 
 
@@ -55,3 +56,7 @@ class RunFormatError(HeadstartError):
 
 class NotFittedError(HeadstartError, AttributeError):
     """A classifier was used before it was trained or loaded."""
+
+
+class StorageError(HeadstartError):
+    """An output or cache folder cannot be written, or its disk has no room for what the run will write."""

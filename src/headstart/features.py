@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,9 +29,10 @@ from tqdm.auto import tqdm
 
 from .data.images import load_image
 from .data.transforms import EvalTransform, decode_size
-from .errors import ImageReadError
+from .errors import ImageReadError, StorageError
 
-__all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads"]
+__all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
+           "cache_key", "atomic_write"]
 
 log = logging.getLogger("headstart")
 
@@ -70,6 +73,8 @@ class FeatureCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.corrupt: list[str] = []  # entries found damaged and recomputed, for the run's report
+        self.damage: dict[str, str] = {}  # entry -> what was wrong with it
+        self.write_error: str | None = None  # set when writing failed (disk full...); the run goes on uncached
 
     @classmethod
     def default(cls) -> "FeatureCache":
@@ -85,8 +90,11 @@ class FeatureCache:
 
     def describe(self, ns: str, key: dict) -> None:
         p = self.root / ns / "key.json"
-        if not p.exists():
-            atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
+        if not p.exists() and self.write_error is None:
+            try:
+                atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
+            except OSError as exc:
+                self._write_failed(exc)
 
     def get(self, ns: str, digest: str) -> torch.Tensor | None:
         p = self._path(ns, digest)
@@ -95,21 +103,79 @@ class FeatureCache:
         try:
             with safe_open(str(p), "pt") as f:  # the digest lives in the header's metadata
                 expected = (f.metadata() or {}).get("sha256")
-                t = f.get_tensor("features")
+                # a private copy: the checked bytes are the served bytes, even if the file changes later
+                t = f.get_tensor("features").clone()
             if expected == _tensor_digest(t):
                 return t
             reason = "digest mismatch"
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-            reason = f"{type(exc).__name__}"
+            reason = f"{type(exc).__name__}: {str(exc)[:100]}"
         log.warning("feature cache entry %s is damaged (%s); recomputing it", p, reason)
         self.corrupt.append(str(p))
+        self.damage[str(p)] = reason
         p.unlink(missing_ok=True)
         return None
 
     def put(self, ns: str, digest: str, features: torch.Tensor) -> None:
+        """Store one entry atomically. A failed write (disk full, permissions) is logged once and later
+        writes are skipped: the features are still used, only not kept."""
+        if self.write_error is not None:
+            return
         t = features.detach().contiguous().clone()
         meta = {"sha256": _tensor_digest(t)}
-        atomic_write(self._path(ns, digest), lambda tmp: save_file({"features": t}, tmp, metadata=meta))
+        try:
+            atomic_write(self._path(ns, digest), lambda tmp: save_file({"features": t}, tmp, metadata=meta))
+        except (OSError, SafetensorError) as exc:
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: Exception) -> None:
+        self.write_error = f"{type(exc).__name__}: {exc}"
+        log.warning("cannot write to the feature cache %s (%s); going on without storing features",
+                    self.root, self.write_error)
+
+    def check_room(self, n_images: int, feature_shape: Sequence[int], key: dict | None = None) -> None:
+        """Fail before extraction when the cache folder cannot be written or its disk lacks room.
+
+        The estimate is ``n_images`` entries of ``prod(feature_shape)`` float32 values plus a header each,
+        less the entries already stored under ``key`` (``cache_key``), if given.
+
+        Raises:
+            StorageError: the folder cannot be created or written, or the free space is below the estimate.
+        """
+        stored = 0
+        if key is not None and (self.root / self.namespace(key)).is_dir():
+            stored = sum(1 for _ in (self.root / self.namespace(key)).glob("*/*.safetensors"))
+        n_images = max(0, n_images - stored)
+        need = n_images * entry_bytes(feature_shape)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise StorageError(f"The feature cache folder {str(self.root)!r} cannot be written "
+                               f"({type(exc).__name__}: {exc.strerror or exc}). Point --cache (or $HEADSTART_CACHE) "
+                               "to a writable folder, or use --no-cache.") from exc
+        if free < need:
+            raise StorageError(f"The feature cache in {str(self.root)!r} needs about {_mb(need)} for {n_images} "
+                               f"images ({_mb(entry_bytes(feature_shape))} each) but its disk has {_mb(free)} free. "
+                               "Free some space, point --cache to a bigger disk, or use --no-cache.")
+
+
+def cache_key(backbone, view: dict | None = None) -> dict:
+    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
+    return {"backbone": backbone.name, "weights": backbone.weights_digest,
+            "data_config": backbone.data_config.to_dict(), "view": view or "eval"}
+
+
+def entry_bytes(feature_shape: Sequence[int]) -> int:
+    """Bytes one cache entry takes on disk: float32 features plus the safetensors header (~200 bytes)."""
+    return 4 * math.prod(feature_shape) + 256
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 @dataclass
@@ -123,6 +189,7 @@ class Extraction:
     digests: list[str | None] = field(default_factory=list)      # per input path
     computed: int = 0                 # images that went through the backbone
     cached: int = 0                   # images served from the cache
+    recomputed: list[tuple[str, str, str]] = field(default_factory=list)  # (image, damaged cache entry, why)
 
 
 def _safe_digest(path) -> str | ImageReadError:
@@ -161,10 +228,7 @@ def extract_features(
     """
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
-    keyed = getattr(transform, "keyed", False)
-    key = {"backbone": backbone.name, "weights": backbone.weights_digest,
-           "data_config": backbone.data_config.to_dict(),
-           "view": transform.spec() if hasattr(transform, "spec") else "eval"}
+    key = cache_key(backbone, transform.spec() if hasattr(transform, "spec") else None)
     ns = FeatureCache.namespace(key)
     if cache is not None:
         cache.describe(ns, key)
@@ -172,15 +236,21 @@ def extract_features(
     out = torch.empty((n, *backbone.feature_shape), dtype=torch.float32)
     have = torch.zeros(n, dtype=torch.bool)
     errors: dict[int, str] = {}
+    recomputed: list[tuple[str, str, str]] = []
     with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
-        digests = list(pool.map(_safe_digest, paths)) if cache is not None or keyed else [None] * n
+        # content digests key the cache, seed augmented views, and find the same image twice: always taken
+        digests = list(pool.map(_safe_digest, paths))
         todo = []
         for i, d in enumerate(digests):
             if isinstance(d, ImageReadError):
                 errors[i] = d.reason
                 digests[i] = None
                 continue
+            n_corrupt = len(cache.corrupt) if cache is not None else 0
             hit = cache.get(ns, d) if cache is not None else None
+            if cache is not None and len(cache.corrupt) > n_corrupt:
+                entry = cache.corrupt[-1]
+                recomputed.append((str(paths[i]), entry, cache.damage.get(entry, "damaged")))
             if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
                 out[i] = hit
                 have[i] = True
@@ -193,7 +263,7 @@ def extract_features(
     for p, reason in err_list:
         log.warning("skipped %s: %s", p, reason)
     return Extraction(out[ok] if len(ok) < n else out, ok, err_list, dict(sorted(errors.items())), digests,
-                      computed, len(ok) - computed)
+                      computed, len(ok) - computed, recomputed)
 
 
 def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, pool, transform,

@@ -12,25 +12,53 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbones.base import create_backbone
 from .backbones.registry import DataConfig
 from .backbones.weights import state_digest
-from .errors import HeadstartError, RunFormatError
+from .errors import HeadstartError, RunFormatError, StorageError
 from .features import atomic_write
 from .heads import Head, HeadConfig
 from .model import ImageModel
 
-__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config"]
+__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config",
+           "check_output_folder"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+log = logging.getLogger("headstart")
 CONFIG_FILE = "config.json"
+
+
+def check_output_folder(out: str | Path) -> None:
+    """Make sure a run can be written to ``out`` before any long work, leaving no trace.
+
+    ``out`` may exist (a folder) or not (then its nearest existing parent must be a writable folder).
+
+    Raises:
+        StorageError: ``out`` is a file, lies below a file, or cannot be written.
+    """
+    out = Path(out)
+    probe_in = out
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is a file, not a folder. "
+                           "Choose another --out.")
+    try:  # os.access is not enough: it ignores read-only mounts and says yes to root
+        os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=".headstart-write-test-"))
+    except OSError as exc:
+        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is not writable "
+                           f"({type(exc).__name__}: {exc.strerror or exc}). Choose another --out or fix its "
+                           "permissions.") from exc
 
 
 def write_json(path: Path, obj) -> None:
@@ -64,8 +92,14 @@ def save_model(model: ImageModel, out: str | Path, training: dict | None = None)
         "classes": model.classes,
         "head": model.head.config.to_dict(),
         "training": training or {},
+        # the whole file's content: a config.json from another save (an interrupted re-save, files mixed by
+        # hand) is refused instead of pairing these weights with other classes
+        "model_digest": state_digest(state),
     }
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "headstart-model"}))
+    # the weights file carries its own copy of the config: a save killed between the two renames leaves
+    # weights that still know their classes, so a reader gets the new model or the old one, never a mix
+    meta = {"format": "headstart-model", "config": json.dumps(config, default=str)}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
     write_json(out / CONFIG_FILE, config)
     return out
 
@@ -80,12 +114,53 @@ def read_config(run: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFormatError(f"{str(path)!r} is damaged ({exc}); retrain or restore the run") from exc
-    if config.get("format") != "headstart-model":
+    return _checked_format(config, run, path)
+
+
+def _checked_format(config, run: Path, path: Path) -> dict:
+    if not isinstance(config, dict) or config.get("format") != "headstart-model":
         raise RunFormatError(f"{str(path)!r} is not a headstart model config")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise RunFormatError(f"{str(run)!r} was written in run format {version!r}; this headstart "
                              f"({__version__}) reads format {FORMAT_VERSION}. Use a matching headstart version.")
+    return config
+
+
+_MAX_SIDE = 4096  # a probe pass runs at the input size: a crafted config must not make it huge
+
+
+def _check_sizes(run: Path, data_config: DataConfig, head_cfg: HeadConfig, classes: list, state: dict) -> None:
+    """Refuse, before anything is allocated, a config whose sizes are absurd or disagree with the weights."""
+    if not all(isinstance(s, int) and 1 <= s <= _MAX_SIDE for s in data_config.input_size):
+        raise RunFormatError(f"{str(run / CONFIG_FILE)!r} asks for input size {data_config.input_size}; expected "
+                             f"sides from 1 to {_MAX_SIDE}. The config was altered; retrain or restore the run.")
+    widths = [*head_cfg.hidden, len(classes)]
+    names = [*(f"head.layers.dense_{i}.weight" for i in range(len(head_cfg.hidden))), "head.layers.predictions.weight"]
+    for name, width in zip(names, widths):
+        t = state.get(name)
+        if t is None or t.ndim != 2 or t.shape[0] != width:
+            raise RunFormatError(f"the weights in {str(run)!r} do not match its config: {name} is "
+                                 f"{None if t is None else tuple(t.shape)}, the config needs {width} outputs. "
+                                 "The run was altered or mixed up; retrain or restore it.")
+
+
+def _config_inside_weights(run: Path, state: dict) -> dict:
+    """The config the weights file was saved with, when config.json is from another save; else an error."""
+    path = run / WEIGHTS_FILE
+    different = RunFormatError(f"{str(path)!r} and {CONFIG_FILE} in {str(run)!r} come from different saves (files "
+                               "copied in by hand, or a save interrupted by an older headstart); save or train "
+                               "the run again.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "null"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise different from exc
+    if not isinstance(config, dict) or config.get("model_digest") != state_digest(state):
+        raise different
+    config = _checked_format(config, run, path)
+    log.warning("%s is from another save than %s (an interrupted save?); using the config saved with the weights "
+                "(classes %s). Save the run again to make them agree.", run / CONFIG_FILE, path, config.get("classes"))
     return config
 
 
@@ -108,6 +183,16 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
         state = load_file(str(run / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
+    if "model_digest" in config and state_digest(state) != config["model_digest"]:
+        config = _config_inside_weights(run, state)
+        try:
+            bb_cfg, classes = config["backbone"], list(config["classes"])
+            data_config = DataConfig.from_dict(config["data_config"])
+            head_cfg = HeadConfig.from_dict(config["head"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFormatError(f"the config inside {str(run / WEIGHTS_FILE)!r} lacks or garbles a field "
+                                 f"({exc})") from exc
+    _check_sizes(run, data_config, head_cfg, classes, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
         head = Head(head_cfg, backbone.feature_shape, len(classes))

@@ -112,6 +112,11 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
                                "least two. Put each class's images in its own sub-folder.")
     else:
         extra = sorted(set(found) - set(classes))
+        by_case = {c.lower(): c for c in classes}
+        near = [f"{e!r} (training has {by_case[e.lower()]!r})" for e in extra if e.lower() in by_case]
+        if near:
+            raise DatasetError(f"{str(root)!r} has class folder(s) differing from training only in case: "
+                               f"{', '.join(near)}. Rename them to match training exactly.")
         if extra:
             raise DatasetError(f"{str(root)!r} has class(es) {extra} that the training data lacks (training classes: "
                                f"{classes}). Add them to training or remove them here.")

@@ -63,7 +63,8 @@ class TrainResult:
     val_features: torch.Tensor | None   # from the final backbone, for metrics
     val_ok: list[int]
     errors: list[tuple[str, str]]       # unreadable files, train and val
-    digests: tuple[list, list]          # content digests of train and val files
+    train_extraction: object            # the eval-view Extraction of train (digests, recomputed entries)
+    val_extraction: object | None
     passes: dict                        # images through the (lower) backbone, per split
     cached: dict
 
@@ -145,7 +146,6 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         backbone.freeze().eval()
     val_features = top(val.features) if val is not None else None
     errors = base.errors + (val.errors if val else [])
-    return TrainResult(head, history, val_features, val.ok if val else [], errors,
-                       (base.digests, val.digests if val else []),
+    return TrainResult(head, history, val_features, val.ok if val else [], errors, base, val,
                        {"train": passes, "val": val.computed if val else 0},
                        {"train": cached, "val": val.cached if val else 0})

@@ -1,0 +1,174 @@
+"""The feature cache is checked, not trusted: damaged entries are detected, reported and recomputed;
+a doomed cache fails before extraction; a cache that fills up mid-run costs speed, not the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import headstart
+import headstart.training.recipes
+import headstart.api
+import headstart.features
+from conftest import make_folder, random_vgg_weights
+from headstart.features import FeatureCache, extract_features
+from headstart.errors import StorageError
+
+FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=20, patience=20)
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flipped":  # one byte of the features changed: still a valid safetensors file
+        data[-3] ^= 0xFF
+    elif how == "truncated":
+        del data[len(data) // 2:]
+    elif how == "garbage":
+        data = bytearray(b"\x00" * 8 + b"not a header")
+    elif how == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training that filled a cache: (data, its keyword arguments, the classifier, the cache)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_folder(root / "d", per_class=3, val_per_class=1)
+    kw = FAST | {"weights": random_vgg_weights(root / "w.safetensors"), "cache": root / "cache"}
+    return data, kw, headstart.ImageClassifier(**kw).fit(data), root / "cache"
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "garbage", "empty"])
+def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, how):
+    data, kw, first, pristine = trained
+    cache = shutil.copytree(pristine, tmp_path / "cache")
+    kw = kw | {"cache": cache}
+    entries = _entries(cache)
+    assert len(entries) == 8 and first.report_["cache_recomputed"] == []
+    victim = entries[3]
+    original = FeatureCache(cache).get(victim.parent.parent.name, victim.stem)
+    _damage(victim, how)
+
+    again = headstart.ImageClassifier(**kw).fit(data)
+    recomputed = again.report_["cache_recomputed"]
+    assert [r["entry"] for r in recomputed] == [str(victim)]
+    assert Path(recomputed[0]["image"]).is_file() and recomputed[0]["reason"]
+    assert again.report_["backbone_passes"]["train"] + again.report_["backbone_passes"]["val"] == 1
+    # the recomputed entry is sound again and holds the features the first run stored (up to the float
+    # noise of a batch of one instead of eight), so the model is the one the first run trained
+    fresh = FeatureCache(cache).get(victim.parent.parent.name, victim.stem)
+    torch.testing.assert_close(fresh, original, atol=1e-5, rtol=1e-4)
+    files = sorted(data.rglob("*.png"))
+    np.testing.assert_allclose(again.predict_proba(files), first.predict_proba(files), atol=1e-4)
+    run = again.save(tmp_path / "run")
+    assert json.loads((run / "data.json").read_text())["cache_recomputed"][0]["entry"] == str(victim)
+
+
+@pytest.fixture(scope="module")
+def one_entry(tmp_path_factory):
+    """A cache holding one entry: (cache, namespace, digest, features, the entry's bytes)."""
+    root = tmp_path_factory.mktemp("cache")
+    cache = FeatureCache(root)
+    features = torch.linspace(-3, 3, 7 * 5).reshape(7, 5)
+    cache.put("ns", "ab" * 16, features)
+    return cache, "ns", "ab" * 16, features, cache._path("ns", "ab" * 16).read_bytes()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 400)))
+def test_a_damaged_entry_is_never_served(one_entry, edits, cut):
+    """Any bytes changed or cut: ``get`` gives the stored features exactly, or None (recompute); never raises."""
+    cache, ns, digest, features, good = one_entry
+    data = bytearray(good)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    if cut is not None:
+        del data[cut:]
+    cache._path(ns, digest).write_bytes(bytes(data))
+    got = cache.get(ns, digest)
+    assert got is None or torch.equal(got, features)
+    if got is None:
+        assert not cache._path(ns, digest).exists()  # dropped, so the next run recomputes it
+
+
+def test_not_enough_disk_for_the_cache_fails_before_extraction(tmp_path, monkeypatch, image_folder):
+    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(headstart.training.recipes, "extract_features", _must_not_run)
+    with pytest.raises(StorageError, match=r"needs about .* for 24 images .* has 0.0 MB free.*--no-cache"):
+        headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
+
+
+def test_unwritable_cache_folder_fails_before_extraction(tmp_path, monkeypatch, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(headstart.training.recipes, "extract_features", _must_not_run)
+    with pytest.raises(StorageError, match="cannot be written.*--no-cache"):
+        headstart.ImageClassifier(**FAST, cache=tmp_path / "a-file" / "cache").fit(image_folder)
+
+
+def test_no_cache_needs_no_room(tmp_path, monkeypatch, image_folder):
+    monkeypatch.setattr(headstart.features.shutil, "disk_usage", _must_not_run)
+    clf = headstart.ImageClassifier(**FAST, cache=False).fit(image_folder)
+    assert clf.report_["backbone_passes"] == {"train": 16, "val": 8}
+
+
+def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, monkeypatch, image_folder):
+    calls = []
+
+    def disk_full(tensors, filename, metadata=None):
+        calls.append(filename)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(headstart.features, "save_file", disk_full)
+    clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
+    assert clf.metrics_["val"]["accuracy"] == 1.0
+    assert "No space left" in clf.report_["cache_write_error"]
+    assert len(calls) == 1  # tried once, then the run went on without storing
+    assert _entries(tmp_path / "c") == [] and not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_extraction_without_damage_reports_nothing(tmp_path, image_folder):
+    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
+    paths = sorted(image_folder.rglob("*.png"))
+    cache = FeatureCache(tmp_path / "c")
+    first = extract_features(bb, paths, cache)
+    second = extract_features(bb, paths, cache)
+    assert second.cached == len(paths) and second.recomputed == [] and cache.corrupt == []
+    assert torch.equal(first.features, second.features)
+
+
+def _must_not_run(*a, **k):
+    raise AssertionError("this must not be reached")
+
+
+def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
+    """A re-run whose features are all stored is not refused for lack of room it will not use."""
+    import shutil
+
+    kw = FAST | {"weights": random_vgg_weights(tmp_path / "w.safetensors"), "cache": tmp_path / "c"}
+    headstart.ImageClassifier(**kw).fit(image_folder)
+    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    again = headstart.ImageClassifier(**kw).fit(image_folder)
+    assert again.report_["from_cache"] == {"train": 16, "val": 8}
+
+
+def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
+    cache = FeatureCache(tmp_path / "a-file" / "cache")
+    ex = extract_features(bb, sorted(image_folder.rglob("*.png")), cache)
+    assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
