@@ -80,3 +80,27 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path):
     idx = first[0] + [i for b in rest for i in b[0]]
     assert idx == [i for i in range(40) if i != 7]
     assert [e for b in [first] + rest for e in b[2]][0][0] == 7
+
+
+def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    import headstart
+    from headstart.cli import main
+    from headstart.predict import Predictor
+
+    clf = headstart.ImageClassifier(backbone="vgg16", weights=None, input_size=32, epochs=20, engine="torch")
+    clf.fit(image_folder)
+    files = sorted((image_folder / "val").glob("*/*.png")) + [tmp_path / "missing.png"]
+    whole = Predictor(clf.model_, engine="onnx").probabilities(files)[0]
+    chunked, errors, ex = Predictor(clf.model_, batch_size=2, engine="torch", chunk=3).probabilities(files)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    assert list(errors) == [len(files) - 1] and ex.ok == list(range(len(files) - 1))
+    run = clf.save(tmp_path / "run")
+    outputs = {}
+    for engine in ("torch", "onnx"):
+        assert main(["predict", str(run), str(image_folder / "val"), "--format", "json", "--engine", engine]) == 0
+        outputs[engine] = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in outputs["torch"]] == [r["label"] for r in outputs["onnx"]]

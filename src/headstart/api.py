@@ -18,6 +18,7 @@ from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
 from .errors import DatasetError, NotFittedError
+from .engines import LazyRunner
 from .evaluation import classification_metrics
 from .features import FeatureCache, extract_features
 from .heads import Head, HeadConfig
@@ -42,6 +43,7 @@ class ImageClassifier:
         hidden, dropout: Dense layers before the classifier, and dropout before each.
         cache: a folder for the feature cache, ``True`` for the default one, ``False`` for none.
         val_fraction: share of each class held out for validation when no val set is given.
+        engine: runs the frozen backbone: ``"auto"`` (ONNX Runtime when usable, else torch), ``"torch"``, ``"onnx"``.
         The remaining arguments are ``TrainConfig`` fields.
     """
 
@@ -50,7 +52,7 @@ class ImageClassifier:
                  dropout: float = 0.0, epochs: int = 60, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 5.0, patience: int = 10, class_weight: str | None = None,
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
-                 val_fraction: float = 0.2, progress: bool | None = None):
+                 val_fraction: float = 0.2, progress: bool | None = None, engine: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -64,6 +66,7 @@ class ImageClassifier:
         self.cache = cache
         self.val_fraction = val_fraction
         self.progress = progress
+        self.engine = engine
 
     # -- training -----------------------------------------------------------------------------
     def _feature_cache(self) -> FeatureCache | None:
@@ -71,9 +74,18 @@ class ImageClassifier:
             return None
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
 
+    def _runner(self, backbone) -> LazyRunner:
+        # one runner per backbone and engine, made on the first image not in the cache
+        cached = getattr(self, "_runner_", None)
+        if cached is None or cached.backbone is not backbone or cached.requested != self.engine:
+            self._runner_ = LazyRunner(backbone, self.engine, cache=self._feature_cache())
+        return self._runner_
+
     def _extract(self, backbone, ds: Dataset, desc: str):
         t0 = time.perf_counter()
-        ex = extract_features(backbone, ds.paths, self._feature_cache(), progress=self.progress, desc=desc)
+        runner = self._runner(backbone)
+        ex = extract_features(backbone, ds.paths, self._feature_cache(), progress=self.progress, desc=desc,
+                              runner=runner)
         log.info("%s: %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)",
                  desc, len(ds), ex.computed, ex.cached, len(ex.errors), time.perf_counter() - t0)
         return ex, ds.labels[ex.ok]
@@ -148,7 +160,7 @@ class ImageClassifier:
 
     def predictor(self) -> Predictor:
         self._check()
-        return Predictor(self.model_)
+        return Predictor(self.model_, runner=self._runner(self.model_.backbone))
 
     def predict_proba(self, paths) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""

@@ -78,7 +78,7 @@ def _classifier_from_args(args):
         hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, patience=args.patience, class_weight="balanced" if args.balanced else None,
         label_smoothing=args.label_smoothing, seed=args.seed,
-        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction)
+        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction, engine=args.engine)
 
 
 def _cmd_train(args) -> None:
@@ -112,6 +112,7 @@ def _cmd_evaluate(args) -> None:
     from .evaluation import format_metrics
 
     clf = load(args.run)
+    clf.engine = args.engine
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(args.data)
@@ -122,6 +123,7 @@ def _cmd_predict(args) -> None:
     from .api import load
 
     clf = load(args.run)
+    clf.engine = args.engine
     rows = clf.predictor().predict(args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -173,6 +175,12 @@ def _add_train_args(p) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val set")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_engine_arg(p)
+
+
+def _add_engine_arg(p) -> None:
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                   help="runs the frozen backbone: ONNX Runtime when usable (auto), or torch (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-cache", action="store_true")
+    _add_engine_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files or folders")
@@ -215,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ConfigError, HeadstartError
 from .features import FeatureCache, atomic_write, default_threads
 
-__all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "make_runner", "export_onnx",
+__all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "make_runner", "export_onnx",
            "backbone_onnx_path", "onnx_session", "set_torch_threads"]
 
 log = logging.getLogger("headstart")
@@ -204,3 +204,24 @@ def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads
             raise EngineError(str(exc)) if isinstance(exc, OSError) else exc
         log.info("engine auto: using torch, because ONNX Runtime is not usable here (%s)", exc)
         return TorchRunner(backbone.body, threads)
+
+
+class LazyRunner:
+    """``make_runner(backbone, engine, ...)`` on the first call, so work served from the feature cache
+    exports and loads nothing; later calls reuse the same runner (one ONNX session for train, val and test)."""
+
+    def __init__(self, backbone, engine: str = "auto", batch_size: int = 32, **kwargs):
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)} (--engine)")
+        self.backbone, self.requested, self.batch_size, self.kwargs = backbone, engine, batch_size, kwargs
+        self.runner = None
+
+    @property
+    def engine(self) -> str | None:
+        """The engine in use (``None`` until the first batch)."""
+        return self.runner.engine if self.runner is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runner is None:
+            self.runner = make_runner(self.backbone, self.requested, self.batch_size, **self.kwargs)
+        return self.runner(x)
