@@ -153,7 +153,7 @@ def extract_features(
     must then be given. Unreadable files are reported in ``errors``, never raised.
     ``runner`` replaces ``backbone`` for the forward pass (an inference engine over the same graph); without
     one, a runner for ``engine`` (``auto``, ``torch``, ``onnx``; see ``headstart.engines``) is made when
-    some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: one on two
+    some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
     cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
 
     Raises:
