@@ -17,9 +17,10 @@ import torch
 from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
-from .errors import DatasetError, NotFittedError
+from .errors import ConfigError, DatasetError, NotFittedError
 from .engines import LazyRunner
 from .evaluation import classification_metrics
+from .export import OnnxModel, is_onnx_file
 from .features import FeatureCache, extract_features
 from .heads import Head, HeadConfig
 from .model import ImageModel
@@ -160,6 +161,8 @@ class ImageClassifier:
 
     def predictor(self) -> Predictor:
         self._check()
+        if isinstance(self.model_, OnnxModel):
+            return Predictor(self.model_, engine=self.engine)
         return Predictor(self.model_, runner=self._runner(self.model_.backbone))
 
     def predict_proba(self, paths) -> np.ndarray:
@@ -176,6 +179,11 @@ class ImageClassifier:
         """Metrics on a labelled class-folder tree or CSV; unreadable files are listed under ``skipped``."""
         self._check()
         ds = load_dataset(data, self.classes_)
+        if isinstance(self.model_, OnnxModel):
+            probs, _, ex = self.predictor().probabilities(ds.paths, progress=self.progress)
+            pred = probs[ex.ok].argmax(1) if ex.ok else np.array([], dtype=int)
+            return (classification_metrics(ds.labels[ex.ok], pred, self.classes_)
+                    | {"skipped": ex.errors, "backbone_passes": ex.computed})
         ex, y = self._extract(self.model_.backbone, ds, "eval features")
         return self._metrics(ex.features, y) | {"skipped": ex.errors, "backbone_passes": ex.computed}
 
@@ -183,6 +191,9 @@ class ImageClassifier:
     def save(self, out: str | Path) -> Path:
         """Write the run folder (safetensors + JSON + history CSV); returns its path."""
         self._check()
+        if isinstance(self.model_, OnnxModel):
+            raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "
+                              "already saved. Save from the run folder it was exported from.")
         out = Path(out)
         training = {"train_config": self.train_config.to_dict(), "val_fraction": self.val_fraction}
         save_model(self.model_, out, training)
@@ -194,6 +205,15 @@ class ImageClassifier:
 
     @classmethod
     def load(cls, run: str | Path) -> "ImageClassifier":
+        if is_onnx_file(run):
+            onnx_model = OnnxModel(run)
+            clf = cls(backbone=onnx_model.backbone_identity.get("name", "unknown"),
+                      head=onnx_model.head_config.get("pool"), engine="onnx")
+            clf.model_, clf.classes_ = onnx_model, list(onnx_model.classes)
+            clf.config_ = {"format": "headstart-onnx-model", "classes": clf.classes_,
+                           "data_config": onnx_model.data_config.to_dict(), "backbone": onnx_model.backbone_identity,
+                           "head": onnx_model.head_config, "headstart_version": onnx_model.headstart_version}
+            return clf
         model, config = load_model(run)
         clf = cls(backbone=config["backbone"]["name"], head=config["head"]["pool"],
                   hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"])
@@ -203,7 +223,8 @@ class ImageClassifier:
 
 
 def load(run: str | Path) -> ImageClassifier:
-    """A trained classifier from a run folder (or, see ``export``, an ONNX file)."""
+    """A trained classifier from a run folder, or from an ONNX file written by ``headstart export``
+    (prediction and evaluation only; it runs on ONNX Runtime)."""
     return ImageClassifier.load(run)
 
 

@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   headstart train photos/ --out run --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
   headstart evaluate run photos/val --format json
   headstart predict run new_photos/ --top-k 3 --format csv
+  headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing
+  headstart predict model.onnx new_photos/
 """
 
 
@@ -147,6 +149,22 @@ def _cmd_predict(args) -> None:
         print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
 
 
+def _cmd_export(args) -> None:
+    from .errors import ConfigError
+    from .export import export_onnx_model, is_onnx_file
+    from .runs import load_model
+
+    if is_onnx_file(args.run):
+        raise ConfigError(f"{args.run} is already an exported model; pass the run folder it came from")
+    model, _ = load_model(args.run)
+    out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
+    export_onnx_model(model, out)
+    size = "x".join(map(str, model.backbone.data_config.input_size))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {model.backbone.name} + head, input {size}, "
+          f"classes {', '.join(model.classes)}")
+    print(f"use it with: headstart predict {out} IMAGES...")
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -220,12 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files or folders")
-    p.add_argument("run")
+    p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
     p.add_argument("paths", nargs="+")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="the whole model (backbone + head) as one ONNX file with its metadata")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="file to write (default: RUN/model.onnx)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")

@@ -109,9 +109,9 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, input_name: str = "images",
-                output_name: str = "features", metadata: dict[str, str] | None = None) -> Path:
+                output_name: str | tuple[str, ...] = "features", metadata: dict[str, str] | None = None) -> Path:
     """Export ``module`` (eval mode, batch axis dynamic) to ``path`` atomically; ``metadata`` goes into
-    the model's ``metadata_props``. Returns ``path``.
+    the model's ``metadata_props``. ``output_name`` names the output (a tuple: several). Returns ``path``.
 
     Raises:
         EngineError: neither the TorchScript nor the dynamo exporter could translate the module.
@@ -145,16 +145,17 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, i
 
 
 def _export(module, example, f, input_name, output_name, dynamo: bool) -> None:
+    outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(module, (example,), f, dynamo=True, input_names=[input_name],
-                              output_names=[output_name], dynamic_shapes=({0: batch},), verbose=False)
+                              output_names=outputs, dynamic_shapes=({0: batch},), verbose=False)
         else:
             torch.onnx.export(module, (example,), f, dynamo=False, input_names=[input_name],
-                              output_names=[output_name], opset_version=17, do_constant_folding=True,
-                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+                              output_names=outputs, opset_version=17, do_constant_folding=True,
+                              dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]})
 
 
 def _onnx_root(cache: FeatureCache | None) -> Path:

@@ -13,8 +13,14 @@ import numpy as np
 import torch
 
 from .data.images import is_image_name
+from tqdm.auto import tqdm
+
+from .data.pipeline import decoded_batches, default_decode_threads
+from .data.transforms import EvalTransform, decode_size
 from .engines import LazyRunner
-from .features import Extraction, FeatureCache, extract_features
+from .errors import ConfigError
+from .export import OnnxModel
+from .features import Extraction, FeatureCache, default_threads, extract_features
 
 __all__ = ["Predictor", "collect_images"]
 
@@ -36,15 +42,25 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """Batched prediction with a model's own preprocessing; bad files give error rows, never a crash.
 
-    ``engine`` (``auto``, ``torch``, ``onnx``) runs the backbone unless a ``runner`` is given. Images go
-    through in chunks of ``chunk`` so memory stays flat for any number of files.
+    ``model`` is an ``ImageModel`` or an exported ``OnnxModel``. For an ``ImageModel``, ``engine``
+    (``auto``, ``torch``, ``onnx``) runs the backbone unless a ``runner`` is given, and images go through
+    in chunks of ``chunk`` so memory stays flat for any number of files.
+
+    Raises:
+        ConfigError: ``engine="torch"`` for an exported ONNX model.
     """
 
     def __init__(self, model, batch_size: int = 32, runner=None, engine: str = "auto", chunk: int = 1024):
         self.model = model.eval()
         self.batch_size = batch_size
-        self.runner = runner if runner is not None else LazyRunner(model.backbone, engine, batch_size)
         self.chunk = max(batch_size, chunk)
+        if isinstance(model, OnnxModel):
+            if engine == "torch":
+                raise ConfigError(f"{model.path} is an exported ONNX model and runs on ONNX Runtime only; "
+                                  "drop --engine torch, or predict from the run folder")
+            self.runner = model
+        else:
+            self.runner = runner if runner is not None else LazyRunner(model.backbone, engine, batch_size)
 
     @property
     def classes(self) -> list[str]:
@@ -53,8 +69,10 @@ class Predictor:
     def probabilities(self, paths: list[Path], cache: FeatureCache | None = None, progress=None):
         """``(probs (N, n_classes) with NaN rows for unreadable files, errors {index: reason}, extraction)``.
 
-        Over more than ``chunk`` files the extraction's ``features`` are not kept (empty); the rest is merged.
+        Over more than ``chunk`` files, or for an ONNX model, the extraction's ``features`` are empty.
         """
+        if isinstance(self.model, OnnxModel):
+            return self._onnx_probabilities(paths, progress)
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
         parts = []
         for start in range(0, max(1, len(paths)), self.chunk):
@@ -74,6 +92,29 @@ class Predictor:
             {s + i: r for s, ex in parts for i, r in ex.failed.items()}, [d for _, ex in parts for d in ex.digests],
             sum(ex.computed for _, ex in parts), sum(ex.cached for _, ex in parts))
         return probs, merged.failed, merged
+
+    def _onnx_probabilities(self, paths: list[Path], progress=None):
+        cfg = self.model.data_config
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        failed: dict[int, str] = {}
+        ok: list[int] = []
+        bar = tqdm(total=len(paths), desc="predict", unit="img", leave=False,
+                   disable=None if progress is None else not progress)
+        try:
+            for idx, batch, errors in decoded_batches(paths, range(len(paths)), EvalTransform(cfg), self.batch_size,
+                                                      min_size=decode_size(cfg),
+                                                      threads=default_decode_threads(default_threads())):
+                failed.update(errors)
+                if idx:
+                    probs[idx] = self.model.probabilities(batch)
+                    ok += idx
+                bar.update(len(idx) + len(errors))
+        finally:
+            bar.close()
+        failed = dict(sorted(failed.items()))
+        ex = Extraction(torch.empty((0,)), ok, [(str(paths[i]), r) for i, r in failed.items()], failed,
+                        [None] * len(paths), len(ok), 0)
+        return probs, failed, ex
 
     def predict(self, inputs: Iterable[str | Path], top_k: int = 1, progress=None) -> list[dict]:
         """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``."""
