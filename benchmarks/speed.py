@@ -70,16 +70,6 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, out
 
 
-def rate(fn, x: torch.Tensor, images: int) -> float:
-    fn(x[:2])  # warm-up: first-call allocations and kernel selection
-    fn(x)
-    reps = max(1, images // len(x))
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn(x)
-    return reps * len(x) / (time.perf_counter() - t)
-
-
 def matmul_gflops(n: int = 4096, reps: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -126,13 +116,33 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
     plain = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])  # ORT defaults
     default = make_runner(bb, "auto", args.batch_size, cache=cache)
     torch_runner = TorchRunner(copy.deepcopy(bb.body).eval())
-    bk = args.backbone_images
-    r = {
-        "eager": rate(eager, x, bk),
-        "torch": rate(torch_runner, x, bk),
-        "raw_ort": rate(lambda t: plain.run(None, {plain.get_inputs()[0].name: t.numpy()}), x, bk),
-        "default": rate(default, x, bk),
-    }
+    raw = lambda t: plain.run(None, {plain.get_inputs()[0].name: t.numpy()})  # noqa: E731
+    torch_e2e = TorchRunner(copy.deepcopy(bb.body).eval())
+
+    def e2e(runner, part):
+        ex_cache = FeatureCache(Path(tempfile.mkdtemp(dir=cache_root)) / "features")
+        t, ex = timed(extract_features, bb, part, ex_cache, runner=runner, batch_size=args.batch_size,
+                      progress=False)
+        return ex.computed / t
+
+    # every measure once per round, rounds interleaved, best round kept: load from other jobs on a shared
+    # machine drifts over minutes, and this keeps it out of the ratios
+    fns = {"eager": eager, "torch": torch_runner, "raw_ort": raw, "default": default}
+    for f in fns.values():
+        f(x[:2])
+        f(x)
+    r = dict.fromkeys(list(fns) + ["e2e_torch", "e2e_default"], 0.0)
+    reps = max(1, args.backbone_images // args.rounds // len(x))
+    per_round = max(args.batch_size, n // args.rounds)
+    for k in range(args.rounds):
+        for name_, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                f(x)
+            r[name_] = max(r[name_], reps * len(x) / (time.perf_counter() - t))
+        part = [sample[(k * per_round + j) % n] for j in range(per_round)]
+        r["e2e_torch"] = max(r["e2e_torch"], e2e(torch_e2e, part))
+        r["e2e_default"] = max(r["e2e_default"], e2e(default, part))
     gf = gflop_per_image(bb.body, cfg.input_size)
     row(label, "GFLOP per image (FlopCounterMode)", f"{gf:.2f}")
     row(label, "backbone only: torch eager NCHW", f"{r['eager']:.1f} img/s")
@@ -145,14 +155,9 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
     achieved = r["default"] * gf
     row(label, "achieved GFLOP/s, default engine", f"{achieved:.1f}",
         f"{achieved / mm:.2f}x the 4096^2 matmul ({mm:.1f} GFLOP/s)")
-    for engine, rr in (("torch", r["torch"]), (default.engine, r["default"])):
-        runner = TorchRunner(copy.deepcopy(bb.body).eval()) if engine == "torch" else default
-        ex_cache = FeatureCache(Path(tempfile.mkdtemp(dir=cache_root)) / "features")
-        t, ex = timed(extract_features, bb, sample, ex_cache, runner=runner, batch_size=args.batch_size,
-                      progress=False)
-        e2e = ex.computed / t
-        row(label, f"end to end extraction, {engine} engine (to cache)", f"{e2e:.1f} img/s",
-            f"{e2e / rr:.2f}x backbone-only (target >= 0.8)")
+    for engine, key, rr in (("torch", "e2e_torch", r["torch"]), (default.engine, "e2e_default", r["default"])):
+        row(label, f"end to end extraction, {engine} engine (to cache)", f"{r[key]:.1f} img/s",
+            f"{r[key] / rr:.2f}x backbone-only (target >= 0.8)")
     return {"bb": bb, "default": default}
 
 
@@ -280,6 +285,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="images for decode and end-to-end rates")
     p.add_argument("--backbone-images", type=int, default=128, help="images per backbone-only rate")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per rate; the best is kept")
     p.add_argument("--predict-images", type=int, default=1000)
     p.add_argument("--predict-backbone", default="efficientnet_lite0@224")
     p.add_argument("--rss-images", type=int, nargs=2, default=[1000, 10000])
@@ -295,7 +301,7 @@ def main() -> None:
     if args.folder is None:
         p.error("IMAGE_FOLDER is required")
     if args.quick:
-        args.images, args.backbone_images, args.predict_images = 64, 32, 96
+        args.images, args.backbone_images, args.predict_images, args.rounds = 64, 64, 96, 2
         args.rss_images, args.train_epochs = [64, 256], 2
 
     def weights_for(name):
