@@ -99,7 +99,10 @@ def onnx_session(path: str | Path, threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
-    # no busy-waiting between batches: the decode threads need those cycles on a small machine
+    # no busy-waiting between operators: the decode threads need those cycles on a small machine. Measured on
+    # the shared 2-core machine (efficientnet_lite0, batch 32, 3 interleaved rounds, best kept): backbone
+    # 22.4 vs 17.6 img/s and end-to-end extraction 16.5 vs 10.5 img/s without vs with spinning.
+    # The memory arena stays on: without it peak RSS was ~500 MB lower but the backbone ~30% slower.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
