@@ -134,8 +134,12 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
     r = dict.fromkeys(list(fns) + ["e2e_torch", "e2e_default"], 0.0)
     reps = max(1, args.backbone_images // args.rounds // len(x))
     per_round = max(args.batch_size, n // args.rounds)
+    order = list(fns)
     for k in range(args.rounds):
-        for name_, f in fns.items():
+        # rotate the order each round: a session whose threads still spin after returning slows whatever
+        # runs right after it, and that must not always be the same contestant
+        for name_ in order[k % len(order):] + order[:k % len(order)]:
+            f = fns[name_]
             t = time.perf_counter()
             for _ in range(reps):
                 f(x)
