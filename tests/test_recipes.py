@@ -86,10 +86,9 @@ def _interrupting(after_epochs):
 def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
     kw = FAST | dict(strategy="finetune", views=2, unfreeze=2, finetune_epochs=6, dropout=0.3)
     whole = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "a")
-    monkeypatch.setattr(recipes, "run_loop", _interrupting(3))
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(recipes, "run_loop", _interrupting(3))
         headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b")
-    monkeypatch.undo()
     resumed = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b", resume=True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history_) == strip(whole.history_)

@@ -70,3 +70,21 @@ def test_finetuning_block5_beats_the_frozen_vgg16(tmp_path):
     tuned = headstart.ImageClassifier(**kw, strategy="finetune").fit(HYMENOPTERA, out=tmp_path / "run")
     assert [h for h in tuned.history_ if h["stage"] == "finetune"]
     assert tuned.metrics_["val"]["accuracy"] > frozen.metrics_["val"]["accuracy"]
+
+
+@needs_shared(HYMENOPTERA)
+def test_exported_onnx_model_matches_torch_on_real_photos(tmp_path):
+    clf = headstart.ImageClassifier(epochs=15, engine="torch").fit(HYMENOPTERA / "train", val=HYMENOPTERA / "val")
+    run = clf.save(tmp_path / "run")
+    assert main(["--quiet", "export", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
+    exported = headstart.load(tmp_path / "model.onnx")
+    photos = sorted((HYMENOPTERA / "val").glob("*/*"))
+    clf_torch = headstart.load(run)
+    clf_torch.engine = "torch"
+    torch_probs = clf_torch.predict_proba(photos)
+    onnx_probs = exported.predict_proba(photos)
+    readable = ~np.isnan(torch_probs).any(1)
+    assert readable.sum() >= 150
+    np.testing.assert_array_equal(np.isnan(onnx_probs), np.isnan(torch_probs))
+    np.testing.assert_allclose(onnx_probs[readable], torch_probs[readable], atol=1e-4)
+    assert (onnx_probs[readable].argmax(1) == torch_probs[readable].argmax(1)).all()

@@ -18,8 +18,10 @@ from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
 from .data.suspects import find_suspects
-from .errors import NotFittedError
+from .engines import LazyRunner
+from .errors import ConfigError, NotFittedError
 from .evaluation import classification_metrics
+from .export import OnnxModel, is_onnx_file
 from .features import FeatureCache, cache_key, default_threads
 from .heads import Head, HeadConfig
 from .model import ImageModel
@@ -46,6 +48,7 @@ class ImageClassifier:
         val_fraction: share of each class held out for validation when no val set is given.
         strategy, augment, views, unfreeze, finetune_epochs, finetune_lr: the training ``Recipe``.
         tta: average predictions over the image and its mirror (predict and evaluate).
+        engine: runs the frozen backbone: ``"auto"`` (ONNX Runtime when usable, else torch), ``"torch"``, ``"onnx"``.
         The remaining arguments are ``TrainConfig`` fields.
     """
 
@@ -56,7 +59,7 @@ class ImageClassifier:
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
                  val_fraction: float = 0.2, progress: bool | None = None, strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
-                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False):
+                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.input_size = input_size
@@ -73,12 +76,20 @@ class ImageClassifier:
         self.cache = cache
         self.val_fraction = val_fraction
         self.progress = progress
+        self.engine = engine
 
     # -- training -----------------------------------------------------------------------------
     def _feature_cache(self) -> FeatureCache | None:
         if self.cache is False or self.cache is None:
             return None
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
+
+    def _runner(self, backbone) -> LazyRunner:
+        # one runner per backbone and engine, made on the first image not in the cache
+        cached = getattr(self, "_runner_", None)
+        if cached is None or cached.backbone is not backbone or cached.requested != self.engine:
+            self._runner_ = LazyRunner(backbone, self.engine, cache=self._feature_cache())
+        return self._runner_
 
     def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None, *,
             out: str | Path | None = None, resume: bool = False) -> "ImageClassifier":
@@ -109,7 +120,7 @@ class ImageClassifier:
         head = Head(head_config, backbone.feature_shape, len(classes))
         result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
-                              progress=self.progress)
+                              progress=self.progress, engine=self.engine)
         self.model_ = ImageModel(backbone, head, classes).eval()
         self.classes_ = list(classes)
         self.history_ = result.history
@@ -160,7 +171,9 @@ class ImageClassifier:
 
     def predictor(self) -> Predictor:
         self._check()
-        return Predictor(self.model_, tta=self.tta)
+        if isinstance(self.model_, OnnxModel):
+            return Predictor(self.model_, engine=self.engine, tta=self.tta)
+        return Predictor(self.model_, runner=self._runner(self.model_.backbone), tta=self.tta)
 
     def predict_proba(self, paths) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""
@@ -189,6 +202,9 @@ class ImageClassifier:
     def save(self, out: str | Path) -> Path:
         """Write the run folder (safetensors + JSON + history CSV); returns its path."""
         self._check()
+        if isinstance(self.model_, OnnxModel):
+            raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "
+                              "already saved. Save from the run folder it was exported from.")
         out = Path(out)
         training = {"train_config": self.train_config.to_dict(), "val_fraction": self.val_fraction}
         save_model(self.model_, out, training)
@@ -200,6 +216,15 @@ class ImageClassifier:
 
     @classmethod
     def load(cls, run: str | Path) -> "ImageClassifier":
+        if is_onnx_file(run):
+            onnx_model = OnnxModel(run)
+            clf = cls(backbone=onnx_model.backbone_identity.get("name", "unknown"),
+                      head=onnx_model.head_config.get("pool"), engine="onnx")
+            clf.model_, clf.classes_ = onnx_model, list(onnx_model.classes)
+            clf.config_ = {"format": "headstart-onnx-model", "classes": clf.classes_,
+                           "data_config": onnx_model.data_config.to_dict(), "backbone": onnx_model.backbone_identity,
+                           "head": onnx_model.head_config, "headstart_version": onnx_model.headstart_version}
+            return clf
         model, config = load_model(run)
         clf = cls(backbone=config["backbone"]["name"], head=config["head"]["pool"],
                   hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"])
@@ -209,7 +234,8 @@ class ImageClassifier:
 
 
 def load(run: str | Path) -> ImageClassifier:
-    """A trained classifier from a run folder (or, see ``export``, an ONNX file)."""
+    """A trained classifier from a run folder, or from an ONNX file written by ``headstart export``
+    (prediction and evaluation only; it runs on ONNX Runtime)."""
     return ImageClassifier.load(run)
 
 

@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   headstart train photos/ --out run --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
   headstart evaluate run photos/val --format json
   headstart predict run new_photos/ --top-k 3 --format csv
+  headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing
+  headstart predict model.onnx new_photos/
   headstart predict run -- -photo-with-leading-dash.jpg
 
 exit codes:
@@ -88,7 +90,7 @@ def _classifier_from_args(args):
         label_smoothing=args.label_smoothing, seed=args.seed,
         cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction,
         strategy=args.strategy, augment=args.augment, views=args.views, unfreeze=args.unfreeze,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, engine=args.engine)
 
 
 def _cmd_train(args) -> None:
@@ -135,6 +137,7 @@ def _cmd_evaluate(args) -> None:
 
     clf = load(args.run)
     clf.tta = args.tta
+    clf.engine = args.engine
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(args.data)
@@ -146,6 +149,7 @@ def _cmd_predict(args) -> None:
 
     clf = load(args.run)
     clf.tta = args.tta
+    clf.engine = args.engine
     rows = clf.predictor().predict(args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -167,6 +171,22 @@ def _cmd_predict(args) -> None:
     n_err = sum(1 for r in rows if r["error"])
     if n_err:
         print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
+
+
+def _cmd_export(args) -> None:
+    from .errors import ConfigError
+    from .export import export_onnx_model, is_onnx_file
+    from .runs import load_model
+
+    if is_onnx_file(args.run):
+        raise ConfigError(f"{args.run} is already an exported model; pass the run folder it came from")
+    model, _ = load_model(args.run)
+    out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
+    export_onnx_model(model, out)
+    size = "x".join(map(str, model.backbone.data_config.input_size))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {model.backbone.name} + head, input {size}, "
+          f"classes {', '.join(model.classes)}")
+    print(f"use it with: headstart predict {out} IMAGES...")
 
 
 def _cmd_demo(args) -> None:
@@ -208,6 +228,12 @@ def _add_train_args(p) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val set")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_engine_arg(p)
+
+
+def _add_engine_arg(p) -> None:
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                   help="runs the frozen backbone: ONNX Runtime when usable (auto), or torch (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,15 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
+    _add_engine_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files or folders")
-    p.add_argument("run")
+    p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
     p.add_argument("paths", nargs="+")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
+    _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="the whole model (backbone + head) as one ONNX file with its metadata")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="file to write (default: RUN/model.onnx)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data.images import load_image
+from .data.pipeline import decoded_batches, default_decode_threads
 from .data.transforms import EvalTransform, decode_size
 from .errors import ImageReadError, StorageError
 
@@ -199,14 +199,6 @@ def _safe_digest(path) -> str | ImageReadError:
         return ImageReadError(path, f"cannot be read ({exc.strerror or exc})")
 
 
-def _prepare(path, transform, min_size, key):
-    try:
-        im = load_image(path, min_size=min_size)
-        return transform(im, key) if getattr(transform, "keyed", False) else transform(im)
-    except ImageReadError as exc:
-        return exc
-
-
 def extract_features(
     backbone,
     paths: Sequence[str | Path],
@@ -218,13 +210,21 @@ def extract_features(
     threads: int | None = None,
     progress: bool | None = None,
     desc: str = "features",
+    engine: str = "auto",
+    decode_threads: int | None = None,
 ) -> Extraction:
     """Run ``paths`` through ``backbone`` (frozen, eval mode), reusing and filling ``cache``.
 
     ``transform`` defaults to the eval transform; another one must have ``spec()`` (its part of the cache
     key) and, with ``keyed = True``, takes the image's content digest to seed its random draw.
     Unreadable files are reported in ``errors``, never raised.
-    ``runner`` replaces ``backbone`` for the forward pass (an inference engine over the same graph).
+    ``runner`` replaces ``backbone`` for the forward pass (an inference engine over the same graph); without
+    one, a runner for ``engine`` (``auto``, ``torch``, ``onnx``; see ``headstart.engines``) is made when
+    some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
+    cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
+
+    Raises:
+        ConfigError: an unknown ``engine``. EngineError: ``engine="onnx"`` cannot run this backbone.
     """
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
@@ -256,45 +256,43 @@ def extract_features(
                 have[i] = True
             else:
                 todo.append(i)
-        computed = _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, pool,
-                                 transform, batch_size, progress, desc)
+    if todo and runner is None:
+        from .engines import make_runner  # engines import this module
+
+        runner = make_runner(backbone, engine, batch_size, threads=threads, cache=cache)
+    computed = _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
+                             batch_size, decode_threads or default_decode_threads(threads), progress, desc)
     ok = [i for i in range(n) if have[i]]
     err_list = [(str(paths[i]), errors[i]) for i in sorted(errors)]
     for p, reason in err_list:
         log.warning("skipped %s: %s", p, reason)
-    return Extraction(out[ok] if len(ok) < n else out, ok, err_list, dict(sorted(errors.items())), digests,
+    if len(ok) < n:  # compact in place: a second copy of every feature would double peak memory
+        for j, i in enumerate(ok):
+            if i != j:
+                out[j] = out[i]
+        out = out[:len(ok)]
+    return Extraction(out, ok, err_list, dict(sorted(errors.items())), digests,
                       computed, len(ok) - computed, recomputed)
 
 
-def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, pool, transform,
-                  batch_size, progress, desc) -> int:
+def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
+                  batch_size, decode_threads, progress, desc) -> int:
     if not todo:
         return 0
     runner = runner or backbone
     was_training = backbone.training
     backbone.eval()
-    min_size = decode_size(backbone.data_config)
     computed = 0
-    # decode ahead in threads (Pillow releases the GIL) while the backbone runs on the batch before
-    prepared = pool.map(lambda i: (i, _prepare(paths[i], transform, min_size, digests[i])), todo)
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=None if progress is None else not progress,
                leave=False)
     try:
-        batch_idx, batch = [], []
-        for i, item in prepared:
-            if isinstance(item, ImageReadError):
-                errors[i] = item.reason
-                bar.update(1)
-            else:
-                batch_idx.append(i)
-                batch.append(item)
-            if len(batch) == batch_size:
-                computed += _forward(runner, batch_idx, batch, digests, out, have, cache, ns)
-                bar.update(len(batch))
-                batch_idx, batch = [], []
-        if batch:
-            computed += _forward(runner, batch_idx, batch, digests, out, have, cache, ns)
-            bar.update(len(batch))
+        for idx, batch, failed in decoded_batches(paths, todo, transform, batch_size,
+                                                  min_size=decode_size(backbone.data_config),
+                                                  threads=decode_threads, keys=digests):
+            errors.update(failed)
+            if idx:
+                computed += _forward(runner, idx, batch, digests, out, have, cache, ns)
+            bar.update(len(idx) + len(failed))
     finally:
         bar.close()
         backbone.train(was_training)
@@ -303,7 +301,7 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
 
 def _forward(runner, idx, batch, digests, out, have, cache, ns) -> int:
     with torch.inference_mode():
-        feats = runner(torch.stack(batch))
+        feats = runner(batch)
     for j, i in enumerate(idx):
         out[i] = feats[j]
         have[i] = True

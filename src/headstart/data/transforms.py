@@ -39,9 +39,14 @@ def resize_for(im: Image.Image, cfg: DataConfig) -> Image.Image:
 
 def to_tensor(im: Image.Image, cfg: DataConfig) -> torch.Tensor:
     """RGB picture at input size -> normalised float tensor ``(3, H, W)``."""
-    a = np.asarray(im, dtype=np.float32) / 255.0
-    a = (a - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    a = np.asarray(im)
+    std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+    mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
+    # one fused pass from uint8 HWC to normalised float CHW: (a / 255 - mean) / std == a * s + o
+    out = np.empty((3, *a.shape[:2]), dtype=np.float32)
+    np.multiply(a.transpose(2, 0, 1), 1.0 / (255.0 * std), out=out)
+    out += -mean / std
+    return torch.from_numpy(out)
 
 
 class EvalTransform:

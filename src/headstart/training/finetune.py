@@ -57,6 +57,11 @@ class LowerPart(nn.Module):
             x = _apply(g, x)
         return x
 
+    @property
+    def body(self) -> nn.Module:
+        """The module an inference engine runs (as ``Backbone.body``)."""
+        return self
+
 
 def split_backbone(backbone: Backbone, unfreeze: int) -> tuple[LowerPart, UpperPart]:
     """Cut ``backbone`` before its last ``unfreeze`` layer groups; check the two parts compose to the whole.

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.weights import state_digest
 from ..data.augment import AugmentedView, preset
 from ..errors import ConfigError, DatasetError
+from ..engines import LazyRunner
 from ..features import extract_features
 from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
@@ -69,23 +71,23 @@ class TrainResult:
     cached: dict
 
 
-def _extract(source, paths, cache, transform=None, progress=None, desc=""):
+def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None):
     t0 = time.perf_counter()
-    ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc)
+    ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc, runner=runner)
     log.info("%s: %d images, %d through the backbone, %d from the cache (%.1f s)", desc, len(paths), ex.computed,
              ex.cached, time.perf_counter() - t0)
     return ex
 
 
-def _views(source, train, recipe, cache, seed, progress):
+def _views(source, train, recipe, cache, seed, progress, runner):
     """The eval view plus ``recipe.views`` augmented views of the training images, aligned on readable files."""
-    base = _extract(source, train.paths, cache, progress=progress, desc="train features")
+    base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner)
     views, passes, cached = [base], base.computed, base.cached
     aug = preset(recipe.augmentation)
     if aug is not None and recipe.strategy != "frozen":
         for v in range(recipe.views):
             ex = _extract(source, train.paths, cache, AugmentedView(source.data_config, aug, v, seed),
-                          progress, f"train view {v + 1}/{recipe.views}")
+                          progress, f"train view {v + 1}/{recipe.views}", runner)
             views.append(ex)
             passes, cached = passes + ex.computed, cached + ex.cached
     ok = base.ok
@@ -94,8 +96,10 @@ def _views(source, train, recipe, cache, seed, progress):
 
 
 def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, cache, *,
-                 checkpoint_dir: Path | None = None, resume: bool = False, progress=None) -> TrainResult:
-    """Run ``recipe``; the backbone (fine-tuned in place for ``finetune``) and ``head`` end trained."""
+                 checkpoint_dir: Path | None = None, resume: bool = False, progress=None,
+                 engine: str = "auto") -> TrainResult:
+    """Run ``recipe``; the backbone (fine-tuned in place for ``finetune``) and ``head`` end trained.
+    ``engine`` runs the frozen part (see ``headstart.engines``); one runner serves every view and split."""
     source = backbone
     upper = None
     if recipe.strategy == "finetune":
@@ -103,7 +107,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         source, upper = split_backbone(backbone, unfreeze)
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
-    views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress)
+    runner = LazyRunner(source, engine, cache=cache)
+    views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner)
     y_tr = splits.train.labels[ok]
     counts = np.bincount(y_tr, minlength=len(splits.train.classes))
     if (counts == 0).any():
@@ -112,7 +117,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
                            f"{len(base.errors)} unreadable file(s); add readable images.")
     val = None
     if splits.val is not None and len(splits.val):
-        val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features")
+        val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner)
     y_va = splits.val.labels[val.ok] if val is not None else None
 
     def top(x):  # boundary activations -> backbone features, in chunks
@@ -144,6 +149,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
             row["epoch"] += len(history)
         history += stage2
         backbone.freeze().eval()
+        # new weights, new identity: cached features and exported graphs of the old ones must not be reused
+        backbone.weights_digest = state_digest(backbone.body.state_dict())
     val_features = top(val.features) if val is not None else None
     errors = base.errors + (val.errors if val else [])
     return TrainResult(head, history, val_features, val.ok if val else [], errors, base, val,

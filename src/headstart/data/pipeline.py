@@ -1,0 +1,92 @@
+"""The input pipeline: images decoded and resized in threads while the backbone runs, with bounded read-ahead.
+
+    >>> for idx, batch, errors in decoded_batches(paths, range(len(paths)), EvalTransform(cfg), 32):
+    ...     features = runner(batch)
+
+Pillow and numpy release the GIL while decoding, resizing and normalising, so threads overlap with the
+backbone's own threads. At most ``prefetch`` images wait decoded beyond the batch being assembled, so memory
+stays flat however many images there are and however slow the backbone is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import ImageReadError
+from .images import load_image
+
+__all__ = ["decoded_batches", "default_decode_threads"]
+
+
+def default_decode_threads(cores: int) -> int:
+    """Decode threads beside a backbone using ``cores``: two on a 2-core machine, half the cores on larger ones.
+
+    Decoding a photo costs about a quarter of a light backbone's pass (efficientnet_lite0), so one thread
+    falls behind whenever the cores are shared; measured on 2 busy cores, two threads kept end-to-end
+    extraction at 0.61-0.69x of the backbone-only rate against 0.43-0.50x with one.
+    """
+    return max(2, cores // 2)
+
+
+def _prepare(path, transform, min_size, key):
+    try:
+        im = load_image(path, min_size=min_size)
+        return transform(im, key) if getattr(transform, "keyed", False) else transform(im)
+    except ImageReadError as exc:
+        return exc
+
+
+def decoded_batches(
+    paths: Sequence[str | Path],
+    indices: Iterable[int],
+    transform: Callable,
+    batch_size: int,
+    *,
+    min_size: int | None = None,
+    threads: int = 1,
+    prefetch: int | None = None,
+    keys: Sequence[str | None] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Yield ``(indices, batch (n, 3, H, W) or None, errors [(index, reason)])`` in input order.
+
+    ``paths[i]`` for each ``i`` in ``indices`` is read (JPEGs in draft mode down to ``min_size``), passed
+    through ``transform`` and stacked; unreadable files become ``errors`` rows, never exceptions.
+    ``prefetch`` (default: two batches) bounds the images decoded ahead of the consumer. A transform with
+    ``keyed = True`` (an augmented view) also receives ``keys[i]``, the image's content digest.
+    """
+    prefetch = max(1, prefetch or 2 * batch_size)
+    todo = iter(indices)
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="headstart-decode")
+
+    def fill():
+        while len(pending) < prefetch:
+            i = next(todo, None)
+            if i is None:
+                return
+            pending.append((i, pool.submit(_prepare, paths[i], transform, min_size, keys[i] if keys else None)))
+
+    try:
+        fill()
+        idx, items, errors = [], [], []
+        while pending:
+            i, fut = pending.popleft()
+            fill()
+            item = fut.result()
+            if isinstance(item, ImageReadError):
+                errors.append((i, item.reason))
+            else:
+                idx.append(i)
+                items.append(item)
+            if len(items) == batch_size:
+                yield idx, torch.stack(items), errors
+                idx, items, errors = [], [], []
+        if items or errors:
+            yield idx, torch.stack(items) if items else None, errors
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

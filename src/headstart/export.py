@@ -1,0 +1,120 @@
+"""Export a trained model (backbone + head) as one ONNX file that carries its classes and preprocessing.
+
+    >>> path = export_onnx_model(headstart.load("run").model_, "run/model.onnx")
+    >>> model = OnnxModel(path); model.classes, model.data_config.input_size
+
+The graph maps normalised images ``images (N, 3, H, W)`` to ``logits`` and ``probabilities (N, classes)``.
+Its ``metadata_props`` hold JSON strings: ``classes``, ``data_config`` (input size, resize policy, mean,
+std, interpolation), ``backbone``, ``head`` and ``headstart_version``, so any ONNX runtime can prepare
+images the way the weights expect without headstart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones.registry import DataConfig
+from .engines import EngineError, export_onnx, onnx_session
+from .errors import ConfigError, RunFormatError
+
+__all__ = ["FORMAT", "export_onnx_model", "OnnxModel", "is_onnx_file"]
+
+FORMAT = "headstart-onnx-model"
+_FORMAT_VERSION = "1"
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx" and Path(path).is_file()
+
+
+class _Exported(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.backbone, self.head = model.backbone.body, model.head
+
+    def forward(self, images):
+        logits = self.head(self.backbone(images))
+        return logits, logits.softmax(-1)
+
+
+def export_onnx_model(model, out: str | Path, *, check: bool = True) -> Path:
+    """Write ``model`` (an ``ImageModel``) to ``out`` as ONNX with its metadata; returns ``out``.
+
+    With ``check``, the file is run on ONNX Runtime against torch on two random images before returning.
+
+    Raises:
+        EngineError: the graph cannot be exported, or the exported graph disagrees with torch.
+    """
+    from . import __version__
+
+    out = Path(out)
+    model = model.eval()
+    meta = {
+        "format": FORMAT, "format_version": _FORMAT_VERSION, "headstart_version": __version__,
+        "classes": json.dumps(list(model.classes)),
+        "data_config": json.dumps(model.backbone.data_config.to_dict()),
+        "backbone": json.dumps(model.backbone.identity()),
+        "head": json.dumps(model.head.config.to_dict()),
+    }
+    example = torch.zeros(2, 3, *model.backbone.data_config.input_size)
+    wrapper = _Exported(model).eval()
+    export_onnx(wrapper, example, out, output_name=("logits", "probabilities"), metadata=meta)
+    if check:
+        x = torch.randn_like(example)
+        with torch.inference_mode():
+            expected = wrapper(x)[1]
+        got = torch.from_numpy(OnnxModel(out).probabilities(x))
+        diff = float((got - expected).abs().max())
+        if diff > 1e-3:
+            out.unlink(missing_ok=True)
+            raise EngineError(f"the exported graph's probabilities differ from torch by {diff:.2g} (> 1e-3); "
+                              "the export is not usable. Please report this with the backbone name.")
+    return out
+
+
+class OnnxModel:
+    """An exported model on ONNX Runtime: ``classes``, ``data_config`` from the file's metadata, and
+    ``logits(images)`` / ``probabilities(images)`` for normalised image batches.
+
+    Raises (on construction):
+        RunFormatError: the file is not a headstart ONNX export or its metadata is damaged.
+        EngineError: ONNX Runtime is missing or cannot load the file.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RunFormatError(f"{str(self.path)!r} does not exist; pass a file written by `headstart export`")
+        self.session = onnx_session(self.path, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != FORMAT:
+            raise RunFormatError(f"{str(self.path)!r} is an ONNX file but not a headstart export (no "
+                                 f"'format: {FORMAT}' metadata); export the run with `headstart export RUN`")
+        try:
+            self.classes = list(json.loads(meta["classes"]))
+            self.data_config = DataConfig.from_dict(json.loads(meta["data_config"]))
+            self.backbone_identity = json.loads(meta.get("backbone", "{}"))
+            self.head_config = json.loads(meta.get("head", "{}"))
+        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+            raise RunFormatError(f"the metadata in {str(self.path)!r} is damaged ({exc}); export the run again") from exc
+        self.headstart_version = meta.get("headstart_version")
+        self.input_name = self.session.get_inputs()[0].name
+        self.engine = "onnx"
+
+    def _run(self, images) -> list[np.ndarray]:
+        arr = images.detach().contiguous().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        return self.session.run(None, {self.input_name: arr.astype(np.float32, copy=False)})
+
+    def logits(self, images) -> np.ndarray:
+        return self._run(images)[0]
+
+    def probabilities(self, images) -> np.ndarray:
+        return self._run(images)[1]
+
+    def eval(self) -> "OnnxModel":  # the Predictor's model protocol
+        return self
