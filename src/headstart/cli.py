@@ -25,7 +25,10 @@ EXAMPLES = """examples:
   headstart summary vgg16 --input-size 150 --frozen
   headstart train photos/ --out run                # efficientnet_lite0, frozen, cached features
   headstart train photos/ --out run --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
-  headstart evaluate run photos/val --format json
+  headstart train photos/ --out run --strategy frozen-aug --augment strong --views 5
+  headstart train photos/ --out run --strategy finetune --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150
+  headstart train photos/ --out run --strategy finetune --resume      # continue a killed run
+  headstart evaluate run photos/val --format json --tta
   headstart predict run new_photos/ --top-k 3 --format csv
   headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing
   headstart predict model.onnx new_photos/
