@@ -12,7 +12,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data.images import is_image_name
+from .data.images import is_image_name, is_junk_name
 from tqdm.auto import tqdm
 
 from .data.augment import FlipView
@@ -33,8 +33,8 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-                out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_image_name(f)]
+                dirnames[:] = sorted(d for d in dirnames if not is_junk_name(d))
+                out += [Path(dirpath) / f for f in sorted(filenames) if not is_junk_name(f) and is_image_name(f)]
         else:
             out.append(p)  # a named file is always tried; a bad one becomes an error row
     return out

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .images import is_image_name
+from .images import is_image_name, is_junk_name
 
 __all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "load_dataset", "load_splits"]
 
-_JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 _VAL_NAMES = ("val", "validation", "valid")
 
 
@@ -59,10 +58,6 @@ class Splits:
     split_note: str  # how val was obtained, written into the run
 
 
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name in _JUNK_NAMES
-
-
 def _walk_images(folder: Path, ignored: list) -> list[Path]:
     """Image files below ``folder``, sorted; follows links but never loops; skips hidden and junk."""
     found, seen = [], set()
@@ -73,10 +68,10 @@ def _walk_images(folder: Path, ignored: list) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_junk_name(d))
         for f in sorted(filenames):
             p = Path(dirpath) / f
-            if _is_junk(f):
+            if is_junk_name(f):
                 continue
             if not is_image_name(f):
                 ignored.append((str(p), "not an image file name (expected .jpg .jpeg .png .gif .bmp .webp)"))
@@ -98,7 +93,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"Data folder {str(root)!r} does not exist or is not a folder. "
                            "Expected a folder with one sub-folder per class.")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_junk(d.name))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_junk_name(d.name))
     lowered = {}
     for name in found:
         if name.lower() in lowered:

@@ -10,10 +10,18 @@ from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "is_image_name"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "is_image_name", "is_junk_name"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 _FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}  # MPO: phones' multi-picture JPEGs
+
+
+_JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+
+
+def is_junk_name(name: str) -> bool:
+    """Hidden files and folders and OS debris (``.DS_Store``, ``__MACOSX``, ``.ipynb_checkpoints``...)."""
+    return name.startswith(".") or name in _JUNK_NAMES
 
 
 def is_image_name(path: str | Path) -> bool:
