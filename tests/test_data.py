@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import make_folder, make_image
 from headstart.backbones import DataConfig
 from headstart.data import load_image, load_splits, scan_folder
 from headstart.data.datasets import read_csv
 from headstart.data.transforms import resize_for
+from headstart.data.images import load_pixels
 from headstart.errors import DatasetError, ImageReadError
 
 
@@ -111,5 +113,59 @@ def test_bad_files_raise_our_error_only(tmp_path, content, reason):
 def test_a_long_strip_is_cropped_before_resizing():
     strip = Image.new("RGB", (20000, 20), (10, 20, 30))
     out = resize_for(strip, DataConfig(input_size=(224, 224), resize_mode="crop", crop_pct=0.875))
-    assert out.size == (224, 224)
-    assert resize_for(strip, DataConfig(input_size=(50, 60), resize_mode="squash")).size == (60, 50)
+    assert tuple(out.shape) == (3, 224, 224)
+    assert out[:, 112, 112].tolist() == [10, 20, 30]
+    assert tuple(resize_for(strip, DataConfig(input_size=(50, 60), resize_mode="squash")).shape) == (3, 50, 60)
+
+
+def _jpeg(path, im, **kw):
+    im.save(path, "JPEG", **kw)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_pipeline_reader_turns_photos_upright_like_pillow(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    im = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _jpeg(tmp_path / "o.jpg", im, exif=exif, quality=95)
+    expected = np.asarray(load_image(path))
+    assert expected.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    assert np.array_equal(load_pixels(path).permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "progressive", "grey", "cmyk", "big"])
+def test_pipeline_reader_gives_pillows_pixels(tmp_path, kind):
+    """The same pixels as ``load_image`` for each kind of JPEG, with and without draft reduction."""
+    rng = np.random.default_rng(1)
+    size = (1200, 700) if kind == "big" else (120, 90)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).filter(ImageFilter.BLUR)
+    kw = {"420": {"subsampling": 2}, "444": {"subsampling": 0}, "progressive": {"progressive": True},
+          "grey": {}, "cmyk": {}, "big": {}}[kind]
+    im = im.convert({"grey": "L", "cmyk": "CMYK"}.get(kind, "RGB"))
+    path = _jpeg(tmp_path / f"{kind}.jpg", im, quality=90, **kw)
+    for min_size in (None, 64, 300):
+        expected = np.asarray(load_image(path, min_size))
+        assert np.array_equal(load_pixels(path, min_size).permute(1, 2, 0).numpy(), expected), min_size
+    if kind == "big":
+        assert tuple(load_pixels(path, 300).shape) == (3, 350, 600)  # decoded at half size
+
+
+@pytest.mark.parametrize("image", ["chelsea", "coffee", "astronaut"])
+def test_eval_transform_matches_timms_pillow_transform(image):
+    """Resampling on tensors gives what timm's own eval transform (Pillow, bicubic, crop_pct) gives."""
+    import timm.data
+    from skimage import data as skimage_data
+
+    from headstart.backbones import registry
+    from headstart.data.transforms import EvalTransform
+
+    cfg = registry.get("efficientnet_lite0").data_config
+    reference = timm.data.create_transform(input_size=(3, *cfg.input_size), interpolation=cfg.interpolation,
+                                           crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
+    im = Image.fromarray(getattr(skimage_data, image)())
+    ours, theirs = EvalTransform(cfg)(im), reference(im)
+    assert ours.shape == theirs.shape == (3, *cfg.input_size)
+    levels = (ours - theirs).abs() * 255 * torch.tensor(cfg.std).view(3, 1, 1)  # back to 0..255 steps
+    assert levels.max() <= 2.01 and levels.mean() < 0.05

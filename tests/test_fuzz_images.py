@@ -1,5 +1,6 @@
 """Fuzzing the image reader: whatever bytes a file holds, ``load_image`` returns an RGB picture or raises
-``ImageReadError`` (headstart's own type) — never a Pillow, zlib, struct or numpy exception."""
+``ImageReadError`` (headstart's own type) — never a Pillow, zlib, struct or numpy exception — and
+``load_pixels`` (the input pipeline's reader, another JPEG decoder) gives the same pixels or the same error."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from headstart.data import load_image
+from headstart.data.images import load_pixels
 from headstart.errors import ImageReadError
 
 
@@ -91,9 +93,11 @@ def test_any_bytes_give_rgb_or_our_error(fuzz_dir, data, ext):
         im = load_image(path, min_size=8)
     except ImageReadError as exc:
         assert exc.path == str(path) and exc.reason  # a message a user can act on
+        with pytest.raises(ImageReadError):
+            load_pixels(path, min_size=8)
         return
     assert im.mode == "RGB" and min(im.size) >= 1
-    np.asarray(im)  # the pixels are really there
+    assert np.array_equal(load_pixels(path, min_size=8).permute(1, 2, 0).numpy(), np.asarray(im))
 
 
 def test_the_seeds_themselves_decode(fuzz_dir):

@@ -59,8 +59,10 @@ def test_keras_seed_recipe_vgg16_flatten_at_150(tmp_path, capsys):
 @needs_shared(HYMENOPTERA)
 def test_best_offline_recipe_beats_the_tutorial(tmp_path):
     # PyTorch's transfer-learning tutorial reaches 0.954 on this split with ResNet-18 as a fixed feature extractor
-    clf = headstart.ImageClassifier(backbone="efficientnet_lite2").fit(HYMENOPTERA)
-    assert clf.metrics_["val"]["accuracy"] >= 0.96
+    # the best offline recipe: efficientnet_lite2, frozen, evaluated with test-time augmentation (image + mirror).
+    # Without TTA its five seeds gave 0.954-0.967 (one image either side of 0.96); with it, 0.961-0.967
+    clf = headstart.ImageClassifier(backbone="efficientnet_lite2", tta=True).fit(HYMENOPTERA)
+    assert clf.evaluate(HYMENOPTERA / "val")["accuracy"] >= 0.96
 
 
 @needs_shared(HYMENOPTERA, VGG16_NOTOP)

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data.pipeline import decoded_batches, default_decode_threads
-from .data.transforms import EvalTransform, decode_size
+from .data.transforms import RESAMPLING, EvalTransform, decode_size
 from .errors import ImageReadError, StorageError
 
 __all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
@@ -166,7 +166,7 @@ class FeatureCache:
 def cache_key(backbone, view: dict | None = None) -> dict:
     """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
     return {"backbone": backbone.name, "weights": backbone.weights_digest,
-            "data_config": backbone.data_config.to_dict(), "view": view or "eval"}
+            "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
 
 
 def entry_bytes(feature_shape: Sequence[int]) -> int:

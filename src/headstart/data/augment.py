@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..backbones.registry import DataConfig
 from ..errors import ConfigError
-from .transforms import resize_for, to_tensor
+from .transforms import hflip, resize_for, to_tensor
 
 __all__ = ["AugmentConfig", "PRESETS", "AugmentedView", "FlipView"]
 
@@ -96,7 +96,9 @@ class AugmentedView:
 
 
 class FlipView:
-    """The eval transform, mirrored: the test-time-augmentation view."""
+    """The eval transform, mirrored: the test-time-augmentation view. Takes a picture or pixels."""
+
+    pixels = True
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -104,8 +106,8 @@ class FlipView:
     def spec(self) -> dict:
         return {"tta": "hflip"}
 
-    def __call__(self, im: Image.Image):
-        return to_tensor(resize_for(im, self.cfg).transpose(Image.FLIP_LEFT_RIGHT), self.cfg)
+    def __call__(self, im: "Image.Image | torch.Tensor"):  # noqa: F821
+        return to_tensor(hflip(resize_for(im, self.cfg)), self.cfg)
 
 
 def _interp(name: str):

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import ImageReadError
-from .images import load_image
+from .images import load_image, load_pixels
 
 __all__ = ["decoded_batches", "default_decode_threads"]
 
@@ -35,7 +35,8 @@ def default_decode_threads(cores: int) -> int:
 
 def _prepare(path, transform, min_size, key):
     try:
-        im = load_image(path, min_size=min_size)
+        # transforms that work on tensors take pixels straight from the JPEG decoder, without a Pillow copy
+        im = (load_pixels if getattr(transform, "pixels", False) else load_image)(path, min_size=min_size)
         return transform(im, key) if getattr(transform, "keyed", False) else transform(im)
     except ImageReadError as exc:
         return exc
