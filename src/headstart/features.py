@@ -121,7 +121,7 @@ class FeatureCache:
         writes are skipped: the features are still used, only not kept."""
         if self.write_error is not None:
             return
-        t = features.detach().contiguous().clone()
+        t = torch.from_numpy(features.detach().numpy().copy())  # a compact copy, made without torch's threads
         meta = {"sha256": _tensor_digest(t)}
         try:
             atomic_write(self._path(ns, digest), lambda tmp: save_file({"features": t}, tmp, metadata=meta))
@@ -288,6 +288,7 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
     # cache entries are written by one thread while the next batch runs: hashing and writing a batch of
     # feature maps took ~6% of the wall time of efficientnet_lite0 extraction when done in between batches
     writer = _CacheWriter(cache, ns) if cache is not None else None
+    out_np = out.numpy()
     try:
         for idx, batch, failed in decoded_batches(paths, todo, transform, batch_size,
                                                   min_size=decode_size(backbone.data_config),
@@ -296,9 +297,9 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
             if idx:
                 with torch.inference_mode():
                     feats = runner(batch)
-                for j, i in enumerate(idx):
-                    out[i] = feats[j]
-                    have[i] = True
+                # copies in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
+                out_np[idx] = feats.numpy()
+                have[idx] = True
                 if writer is not None:
                     writer.put([digests[i] for i in idx], feats)
                 computed += len(idx)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ImageReadError
@@ -31,6 +32,13 @@ def default_decode_threads(cores: int) -> int:
     extraction at 0.61-0.69x of the backbone-only rate against 0.43-0.50x with one.
     """
     return max(2, cores // 2)
+
+
+def _stack(items: list[torch.Tensor]) -> torch.Tensor:
+    # numpy copies on the calling thread; torch.stack would wake torch's OpenMP team, whose threads then spin
+    # for a while after each batch, taking the cores from the decode threads and ONNX Runtime (measured:
+    # 3.2 vs 2.1 ms of CPU per photo for decoding with torch's stack vs numpy's)
+    return torch.from_numpy(np.stack([t.numpy() for t in items]))
 
 
 def _prepare(path, transform, min_size, key):
@@ -85,9 +93,9 @@ def decoded_batches(
                 idx.append(i)
                 items.append(item)
             if len(items) == batch_size:
-                yield idx, torch.stack(items), errors
+                yield idx, _stack(items), errors
                 idx, items, errors = [], [], []
         if items or errors:
-            yield idx, torch.stack(items) if items else None, errors
+            yield idx, _stack(items) if items else None, errors
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
