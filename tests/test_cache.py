@@ -172,3 +172,22 @@ def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_fold
     cache = FeatureCache(tmp_path / "a-file" / "cache")
     ex = extract_features(bb, sorted(image_folder.rglob("*.png")), cache)
     assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
+
+
+def test_an_averaging_head_holds_one_vector_per_image_and_shares_the_cached_maps(tmp_path):
+    """``pool="avg"``: (N, C) features in memory, the same numbers as averaging the maps, and the cache keeps
+    whole maps, so runs with either head serve each other from it."""
+    from headstart.backbones import create_backbone
+
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
+    paths = sorted(data.rglob("*.png"))
+    bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
+    cache = FeatureCache(tmp_path / "cache")
+    pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
+    assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 512)
+    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
+    assert maps.computed == 0 and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
+    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
+    again = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
+    assert again.computed == 0
+    torch.testing.assert_close(again.features, pooled.features)

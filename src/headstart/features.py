@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -29,10 +30,10 @@ from tqdm.auto import tqdm
 
 from .data.pipeline import decoded_batches, default_decode_threads
 from .data.transforms import RESAMPLING, EvalTransform, decode_size
-from .errors import ImageReadError, StorageError
+from .errors import ConfigError, ImageReadError, StorageError
 
 __all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
-           "cache_key", "atomic_write"]
+           "cache_key", "features_shape", "atomic_write"]
 
 log = logging.getLogger("headstart")
 
@@ -169,6 +170,14 @@ def cache_key(backbone, view: dict | None = None) -> dict:
             "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
 
 
+POOLS = (None, "avg")
+
+
+def features_shape(backbone, pool: str | None = None) -> tuple[int, ...]:
+    """Shape of one image's features: the feature map ``(C, H, W)``, or ``(C,)`` averaged (``pool="avg"``)."""
+    return (backbone.feature_shape[0],) if pool == "avg" else tuple(backbone.feature_shape)
+
+
 def entry_bytes(feature_shape: Sequence[int]) -> int:
     """Bytes one cache entry takes on disk: float32 features plus the safetensors header (~200 bytes)."""
     return 4 * math.prod(feature_shape) + 256
@@ -212,6 +221,7 @@ def extract_features(
     desc: str = "features",
     engine: str = "auto",
     decode_threads: int | None = None,
+    pool: str | None = None,
 ) -> Extraction:
     """Run ``paths`` through ``backbone`` (frozen, eval mode), reusing and filling ``cache``.
 
@@ -222,24 +232,30 @@ def extract_features(
     one, a runner for ``engine`` (``auto``, ``torch``, ``onnx``; see ``headstart.engines``) is made when
     some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
     cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
+    ``pool="avg"`` returns each feature map's average over positions, ``(C,)``: all that an averaging head
+    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache keeps whole maps either
+    way, so a later run with another head still finds every image there.
 
     Raises:
-        ConfigError: an unknown ``engine``. EngineError: ``engine="onnx"`` cannot run this backbone.
+        ConfigError: an unknown ``engine`` or ``pool``. EngineError: ``engine="onnx"`` cannot run this backbone.
     """
+    if pool not in POOLS:
+        raise ConfigError(f"pool {pool!r} is not one of {POOLS}")
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
     key = cache_key(backbone, transform.spec() if hasattr(transform, "spec") else None)
+    shape = features_shape(backbone, pool)
     ns = FeatureCache.namespace(key)
     if cache is not None:
         cache.describe(ns, key)
     n = len(paths)
-    out = torch.empty((n, *backbone.feature_shape), dtype=torch.float32)
+    out = torch.empty((n, *shape), dtype=torch.float32)
     have = torch.zeros(n, dtype=torch.bool)
     errors: dict[int, str] = {}
     recomputed: list[tuple[str, str, str]] = []
-    with ThreadPoolExecutor(max_workers=max(2, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=max(2, threads)) as hashing:
         # content digests key the cache, seed augmented views, and find the same image twice: always taken
-        digests = list(pool.map(_safe_digest, paths))
+        digests = list(hashing.map(_safe_digest, paths))
         todo = []
         for i, d in enumerate(digests):
             if isinstance(d, ImageReadError):
@@ -252,7 +268,7 @@ def extract_features(
                 entry = cache.corrupt[-1]
                 recomputed.append((str(paths[i]), entry, cache.damage.get(entry, "damaged")))
             if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
-                out[i] = hit
+                out[i] = hit.mean(dim=(1, 2)) if pool == "avg" and hit.ndim == 3 else hit
                 have[i] = True
             else:
                 todo.append(i)
@@ -261,7 +277,7 @@ def extract_features(
 
         runner = make_runner(backbone, engine, batch_size, threads=threads, cache=cache)
     computed = _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
-                             batch_size, decode_threads or default_decode_threads(threads), progress, desc)
+                             batch_size, decode_threads or default_decode_threads(threads), progress, desc, pool)
     ok = [i for i in range(n) if have[i]]
     err_list = [(str(paths[i]), errors[i]) for i in sorted(errors)]
     for p, reason in err_list:
@@ -276,7 +292,7 @@ def extract_features(
 
 
 def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
-                  batch_size, decode_threads, progress, desc) -> int:
+                  batch_size, decode_threads, progress, desc, pool=None) -> int:
     if not todo:
         return 0
     runner = runner or backbone
@@ -297,8 +313,11 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
             if idx:
                 with torch.inference_mode():
                     feats = runner(batch)
-                # copies in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-                out_np[idx] = feats.numpy()
+                # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
+                kept = feats.numpy()
+                if pool == "avg" and kept.ndim == 4:
+                    kept = kept.mean(axis=(2, 3), dtype=np.float32)
+                out_np[idx] = kept
                 have[idx] = True
                 if writer is not None:
                     writer.put([digests[i] for i in idx], feats)

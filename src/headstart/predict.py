@@ -21,7 +21,7 @@ from .data.transforms import EvalTransform, decode_size
 from .engines import LazyRunner
 from .errors import ConfigError
 from .export import OnnxModel
-from .features import Extraction, FeatureCache, default_threads, extract_features
+from .features import Extraction, FeatureCache, default_threads, extract_features, features_shape
 
 __all__ = ["Predictor", "collect_images"]
 
@@ -67,6 +67,11 @@ class Predictor:
             self.runner = runner if runner is not None else LazyRunner(model.backbone, engine, batch_size)
 
     @property
+    def _pool(self) -> str | None:
+        # an averaging head reads only the average of the feature map: keep that, 1/(H*W) of the memory
+        return "avg" if self.model.head.config.pool == "avg" else None
+
+    @property
     def classes(self) -> list[str]:
         return self.model.classes
 
@@ -85,7 +90,7 @@ class Predictor:
             for v, transform in enumerate(views):
                 ex = extract_features(self.model.backbone, part, cache, transform=transform,
                                       batch_size=self.batch_size, runner=self.runner, progress=progress,
-                                      desc="predict")
+                                      desc="predict", pool=self._pool)
                 if ex.ok:
                     with torch.inference_mode():
                         p = self.model.head(ex.features).softmax(-1).numpy()
@@ -96,7 +101,7 @@ class Predictor:
         if len(parts) == 1:
             return probs, parts[0][1].failed, parts[0][1]
         merged = Extraction(
-            torch.empty((0, *self.model.backbone.feature_shape)),
+            torch.empty((0, *features_shape(self.model.backbone, self._pool))),
             [s + i for s, ex in parts for i in ex.ok], [e for _, ex in parts for e in ex.errors],
             {s + i: r for s, ex in parts for i, r in ex.failed.items()}, [d for _, ex in parts for d in ex.digests],
             sum(ex.computed for _, ex in parts), sum(ex.cached for _, ex in parts))

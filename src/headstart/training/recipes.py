@@ -71,23 +71,29 @@ class TrainResult:
     cached: dict
 
 
-def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None):
+def _pool(recipe: Recipe, head: Head) -> str | None:
+    """``"avg"`` when training needs only averaged feature maps: a frozen backbone under an averaging head."""
+    return "avg" if recipe.strategy != "finetune" and head.config.pool == "avg" else None
+
+
+def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
     t0 = time.perf_counter()
-    ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc, runner=runner)
+    ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc, runner=runner,
+                          pool=pool)
     log.info("%s: %d images, %d through the backbone, %d from the cache (%.1f s)", desc, len(paths), ex.computed,
              ex.cached, time.perf_counter() - t0)
     return ex
 
 
-def _views(source, train, recipe, cache, seed, progress, runner):
+def _views(source, train, recipe, cache, seed, progress, runner, pool):
     """The eval view plus ``recipe.views`` augmented views of the training images, aligned on readable files."""
-    base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner)
+    base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner, pool=pool)
     views, passes, cached = [base], base.computed, base.cached
     aug = preset(recipe.augmentation)
     if aug is not None and recipe.strategy != "frozen":
         for v in range(recipe.views):
             ex = _extract(source, train.paths, cache, AugmentedView(source.data_config, aug, v, seed),
-                          progress, f"train view {v + 1}/{recipe.views}", runner)
+                          progress, f"train view {v + 1}/{recipe.views}", runner, pool)
             views.append(ex)
             passes, cached = passes + ex.computed, cached + ex.cached
     ok = base.ok
@@ -108,7 +114,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
     runner = LazyRunner(source, engine, cache=cache)
-    views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner)
+    pool = _pool(recipe, head)
+    views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
     counts = np.bincount(y_tr, minlength=len(splits.train.classes))
     if (counts == 0).any():
@@ -117,7 +124,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
                            f"{len(base.errors)} unreadable file(s); add readable images.")
     val = None
     if splits.val is not None and len(splits.val):
-        val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner)
+        val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner,
+                       pool=pool)
     y_va = splits.val.labels[val.ok] if val is not None else None
 
     def top(x):  # boundary activations -> backbone features, in chunks
