@@ -140,10 +140,13 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
     reps = max(1, args.backbone_images // args.rounds // len(x))
     order = list(fns)
     for k in range(args.rounds):
-        # rotate the order each round: a session whose threads still spin after returning slows whatever
-        # runs right after it, and that must not always be the same contestant
-        for name_ in order[k % len(order):] + order[:k % len(order)]:
+        # a session whose threads still spin after returning (raw ORT, torch's OpenMP team) slows whatever runs
+        # right after it: each contestant starts after a pause, and the order alternates direction and rotates,
+        # so no contestant always follows the same one (a rotation alone kept the default engine behind raw ORT)
+        turn = order[k % len(order):] + order[:k % len(order)]
+        for name_ in (turn if k % 2 == 0 else turn[::-1]):
             f = fns[name_]
+            time.sleep(0.5)
             t = time.perf_counter()
             for _ in range(reps):
                 f(x)
