@@ -268,7 +268,7 @@ def extract_features(
                 entry = cache.corrupt[-1]
                 recomputed.append((str(paths[i]), entry, cache.damage.get(entry, "damaged")))
             if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
-                out[i] = hit.mean(dim=(1, 2)) if pool == "avg" and hit.ndim == 3 else hit
+                out[i] = torch.from_numpy(_average(hit.numpy())) if pool == "avg" else hit
                 have[i] = True
             else:
                 todo.append(i)
@@ -314,10 +314,7 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
                 with torch.inference_mode():
                     feats = runner(batch)
                 # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-                kept = feats.numpy()
-                if pool == "avg" and kept.ndim == 4:
-                    kept = kept.mean(axis=(2, 3), dtype=np.float32)
-                out_np[idx] = kept
+                out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
                 have[idx] = True
                 if writer is not None:
                     writer.put([digests[i] for i in idx], feats)
@@ -329,6 +326,11 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
         bar.close()
         backbone.train(was_training)
     return computed
+
+
+def _average(maps: np.ndarray) -> np.ndarray:
+    """Feature maps ``(..., C, H, W)`` -> their averages ``(..., C)``; in numpy, like the copies around it."""
+    return maps.mean(axis=(-2, -1), dtype=np.float32)
 
 
 class _CacheWriter:

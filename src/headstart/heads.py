@@ -72,6 +72,12 @@ class Head(nn.Module):
         layers["predictions"] = nn.Linear(width, num_classes)
         self.layers = nn.Sequential(layers)
 
+    @property
+    def feature_pool(self) -> str | None:
+        """What ``extract_features(pool=...)`` may do to a frozen backbone's maps for this head: ``"avg"`` when
+        it only reads their average (so the average is all that need be kept), else ``None``."""
+        return "avg" if self.config.pool == "avg" else None
+
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         """Flatten or average-pool, then scale each image's vector to unit length (removes the overall
         activation level, which varies with contrast and exposure rather than with the class)."""

@@ -67,11 +67,6 @@ class Predictor:
             self.runner = runner if runner is not None else LazyRunner(model.backbone, engine, batch_size)
 
     @property
-    def _pool(self) -> str | None:
-        # an averaging head reads only the average of the feature map: keep that, 1/(H*W) of the memory
-        return "avg" if self.model.head.config.pool == "avg" else None
-
-    @property
     def classes(self) -> list[str]:
         return self.model.classes
 
@@ -90,7 +85,7 @@ class Predictor:
             for v, transform in enumerate(views):
                 ex = extract_features(self.model.backbone, part, cache, transform=transform,
                                       batch_size=self.batch_size, runner=self.runner, progress=progress,
-                                      desc="predict", pool=self._pool)
+                                      desc="predict", pool=self.model.head.feature_pool)
                 if ex.ok:
                     with torch.inference_mode():
                         p = self.model.head(ex.features).softmax(-1).numpy()
@@ -101,7 +96,7 @@ class Predictor:
         if len(parts) == 1:
             return probs, parts[0][1].failed, parts[0][1]
         merged = Extraction(
-            torch.empty((0, *features_shape(self.model.backbone, self._pool))),
+            torch.empty((0, *features_shape(self.model.backbone, self.model.head.feature_pool))),
             [s + i for s, ex in parts for i in ex.ok], [e for _, ex in parts for e in ex.errors],
             {s + i: r for s, ex in parts for i, r in ex.failed.items()}, [d for _, ex in parts for d in ex.digests],
             sum(ex.computed for _, ex in parts), sum(ex.cached for _, ex in parts))

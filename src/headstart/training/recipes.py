@@ -71,11 +71,6 @@ class TrainResult:
     cached: dict
 
 
-def _pool(recipe: Recipe, head: Head) -> str | None:
-    """``"avg"`` when training needs only averaged feature maps: a frozen backbone under an averaging head."""
-    return "avg" if recipe.strategy != "finetune" and head.config.pool == "avg" else None
-
-
 def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
     t0 = time.perf_counter()
     ex = extract_features(source, paths, cache, transform=transform, progress=progress, desc=desc, runner=runner,
@@ -114,7 +109,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
     runner = LazyRunner(source, engine, cache=cache)
-    pool = _pool(recipe, head)
+    pool = head.feature_pool if upper is None else None  # fine-tuning trains on the boundary's maps
     views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
     counts = np.bincount(y_tr, minlength=len(splits.train.classes))
