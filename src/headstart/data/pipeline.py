@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ImageReadError
+from ..hardware import tune_malloc
 from .images import load_image, load_pixels
 
 __all__ = ["decoded_batches", "default_decode_threads"]
@@ -68,6 +69,7 @@ def decoded_batches(
     ``prefetch`` (default: two batches) bounds the images decoded ahead of the consumer. A transform with
     ``keyed = True`` (an augmented view) also receives ``keys[i]``, the image's content digest.
     """
+    tune_malloc()  # each photo's decoded and resized copies are large blocks (see headstart.hardware)
     prefetch = max(1, prefetch or 2 * batch_size)
     todo = iter(indices)
     pending: deque = deque()

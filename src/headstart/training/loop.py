@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, RunFormatError
+from ..hardware import tune_malloc
 
 __all__ = ["LoopConfig", "run_loop"]
 
@@ -76,6 +77,7 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
     epoch (weights, optimizer, generator, history); with ``resume`` an existing one is continued.
     ``baseline``: the monitored loss of the weights as given; an epoch must beat it to replace them.
     """
+    tune_malloc()  # fine-tuning lite0 on 2 cores: 15.9 vs 10.2 img/s (see headstart.hardware)
     opt = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
     loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing)
