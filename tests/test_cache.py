@@ -4,7 +4,9 @@ a doomed cache fails before extraction; a cache that fills up mid-run costs spee
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,10 @@ from hypothesis import strategies as st
 import headstart
 import headstart.training.recipes
 import headstart.api
+import headstart.cache
 import headstart.features
 from conftest import make_folder, random_vgg_weights
+from headstart.cache import _shard_members
 from headstart.features import FeatureCache, extract_features
 from headstart.errors import StorageError
 
@@ -28,10 +32,17 @@ def _entries(cache: Path) -> list[Path]:
     return sorted(cache.rglob("*.safetensors"))
 
 
-def _damage(path: Path, how: str) -> None:
+def _shard_entries(cache: Path) -> list[tuple[Path, str]]:
+    """``(shard, digest)`` for every entry the cache's shards hold."""
+    return sorted((s, d) for s in cache.glob("*/*.safetensors") for d in _shard_members(s))
+
+
+def _damage(path: Path, how: str, entry: str | None = None) -> None:
     data = bytearray(path.read_bytes())
-    if how == "flipped":  # one byte of the features changed: still a valid safetensors file
-        data[-3] ^= 0xFF
+    if how == "flipped":  # one byte of one entry's features changed: still a valid safetensors file
+        n = int.from_bytes(data[:8], "little")
+        start = json.loads(data[8:8 + n])[entry]["data_offsets"][0] if entry else len(data) - 12
+        data[8 + n + start + 1] ^= 0xFF
     elif how == "truncated":
         del data[len(data) // 2:]
     elif how == "garbage":
@@ -52,28 +63,40 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "garbage", "empty"])
 def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, how):
+    """One entry's bytes changed: that image alone is recomputed. A shard cut short: each image it held is
+    named and recomputed. A shard whose header is gone: its images are recomputed and the shard is reported."""
     data, kw, first, pristine = trained
     cache = shutil.copytree(pristine, tmp_path / "cache")
     kw = kw | {"cache": cache}
-    entries = _entries(cache)
+    entries = _shard_entries(cache)
     assert len(entries) == 8 and first.report_["cache_recomputed"] == []
-    victim = entries[3]
-    original = FeatureCache(cache).get(victim.parent.parent.name, victim.stem)
-    _damage(victim, how)
+    shard = max({s for s, _ in entries}, key=lambda s: sum(x == s for x, _ in entries))  # the train batch's
+    members = [d for s, d in entries if s == shard]
+    victim, ns = members[1], shard.parent.name
+    original = {d: FeatureCache(cache).get(ns, d) for d in members}
+    _damage(shard, how, victim)
 
     again = headstart.ImageClassifier(**kw).fit(data)
     recomputed = again.report_["cache_recomputed"]
-    assert [r["entry"] for r in recomputed] == [str(victim)]
-    assert Path(recomputed[0]["image"]).is_file() and recomputed[0]["reason"]
-    assert again.report_["backbone_passes"]["train"] + again.report_["backbone_passes"]["val"] == 1
-    # the recomputed entry is sound again and holds the features the first run stored (up to the float
-    # noise of a batch of one instead of eight), so the model is the one the first run trained
-    fresh = FeatureCache(cache).get(victim.parent.parent.name, victim.stem)
-    torch.testing.assert_close(fresh, original, atol=1e-5, rtol=1e-4)
+    passes = again.report_["backbone_passes"]["train"] + again.report_["backbone_passes"]["val"]
+    if how == "flipped":
+        assert [r["entry"] for r in recomputed] == [f"{shard}#{victim}"] and passes == 1
+    elif how == "truncated":
+        assert sorted(r["entry"] for r in recomputed) == sorted(f"{shard}#{d}" for d in members)
+        assert passes == len(members) > 1
+    else:
+        assert [(r["image"], r["entry"]) for r in recomputed] == [(None, str(shard))] and passes == len(members)
+    assert all(r["reason"] for r in recomputed)
+    assert all(r["image"] is None or Path(r["image"]).is_file() for r in recomputed)
+    # the recomputed entries are sound again and hold the features the first run stored (up to the float
+    # noise of another batch), so the model is the one the first run trained
+    for d, features in original.items():
+        torch.testing.assert_close(FeatureCache(cache).get(ns, d), features, atol=1e-5, rtol=1e-4)
+    assert len(_shard_entries(cache)) == 8
     files = sorted(data.rglob("*.png"))
     np.testing.assert_allclose(again.predict_proba(files), first.predict_proba(files), atol=1e-4)
     run = again.save(tmp_path / "run")
-    assert json.loads((run / "data.json").read_text())["cache_recomputed"][0]["entry"] == str(victim)
+    assert json.loads((run / "data.json").read_text())["cache_recomputed"][0]["entry"] == recomputed[0]["entry"]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +127,44 @@ def test_a_damaged_entry_is_never_served(one_entry, edits, cut):
         assert not cache._path(ns, digest).exists()  # dropped, so the next run recomputes it
 
 
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """A cache holding one shard of two entries: (cache root, digests, features, the shard's bytes)."""
+    root = tmp_path_factory.mktemp("shard")
+    features = torch.linspace(-3, 3, 2 * 7 * 5).reshape(2, 7, 5)
+    digests = ["ab" * 16, "cd" * 16]
+    FeatureCache(root).put_many("ns", digests, features)
+    (shard,) = (root / "ns").glob("*.safetensors")
+    return root, digests, features, shard.read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 600)))
+def test_a_damaged_shard_never_serves_wrong_features(one_shard, edits, cut):
+    """Any bytes of a shard changed or cut: each entry reads back exactly or as None (recompute); never raises."""
+    root, digests, features, good = one_shard
+    for f in (root / "ns").glob("*.safetensors"):
+        f.unlink()
+    data = bytearray(good)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    if cut is not None:
+        del data[cut:]
+    (root / "ns" / "shard.safetensors").write_bytes(bytes(data))
+    cache = FeatureCache(root)
+    for digest, expected in zip(digests, features):
+        got = cache.get("ns", digest)
+        assert got is None or torch.equal(got, expected)
+    again = FeatureCache(root)  # what a damaged shard left behind reads back the same way
+    for digest, expected in zip(digests, features):
+        got = again.get("ns", digest)
+        assert got is None or torch.equal(got, expected)
+    assert again.corrupt == []  # the damage was dropped the first time
+
+
 def test_not_enough_disk_for_the_cache_fails_before_extraction(tmp_path, monkeypatch, image_folder):
-    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(headstart.training.recipes, "extract_features", _must_not_run)
     with pytest.raises(StorageError, match=r"needs about .* for 24 images .* has 0.0 MB free.*--no-cache"):
@@ -120,7 +179,7 @@ def test_unwritable_cache_folder_fails_before_extraction(tmp_path, monkeypatch, 
 
 
 def test_no_cache_needs_no_room(tmp_path, monkeypatch, image_folder):
-    monkeypatch.setattr(headstart.features.shutil, "disk_usage", _must_not_run)
+    monkeypatch.setattr(headstart.cache.shutil, "disk_usage", _must_not_run)
     clf = headstart.ImageClassifier(**FAST, cache=False).fit(image_folder)
     assert clf.report_["backbone_passes"] == {"train": 16, "val": 8}
 
@@ -128,11 +187,16 @@ def test_no_cache_needs_no_room(tmp_path, monkeypatch, image_folder):
 def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, monkeypatch, image_folder):
     calls = []
 
-    def disk_full(tensors, filename, metadata=None):
-        calls.append(filename)
-        raise OSError(28, "No space left on device")
+    real_fdopen = os.fdopen
 
-    monkeypatch.setattr(headstart.features, "save_file", disk_full)
+    def disk_full(fd, *args, **kwargs):  # the entry's temporary file is opened, and its write fails
+        if threading.current_thread().name.startswith("headstart-cache-write"):
+            calls.append(fd)
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(headstart.cache.os, "fdopen", disk_full)
     clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
     assert clf.metrics_["val"]["accuracy"] == 1.0
     assert "No space left" in clf.report_["cache_write_error"]
@@ -160,7 +224,7 @@ def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
 
     kw = FAST | {"weights": random_vgg_weights(tmp_path / "w.safetensors"), "cache": tmp_path / "c"}
     headstart.ImageClassifier(**kw).fit(image_folder)
-    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     again = headstart.ImageClassifier(**kw).fit(image_folder)
     assert again.report_["from_cache"] == {"train": 16, "val": 8}
@@ -174,20 +238,29 @@ def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_fold
     assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
 
 
-def test_an_averaging_head_holds_one_vector_per_image_and_shares_the_cached_maps(tmp_path):
-    """``pool="avg"``: (N, C) features in memory, the same numbers as averaging the maps, and the cache keeps
-    whole maps, so runs with either head serve each other from it."""
+def test_an_averaging_head_keeps_one_vector_per_image_and_reads_maps_stored_by_a_flattening_run(tmp_path):
+    """``pool="avg"``: (N, C) features in memory and on disk, the same numbers as averaging the maps; an
+    averaging run serves itself from maps a flattening run stored, and stores only its small vectors."""
     from headstart.backbones import create_backbone
 
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
     paths = sorted(data.rglob("*.png"))
     bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
-    cache = FeatureCache(tmp_path / "cache")
-    pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
+    first, second = FeatureCache(tmp_path / "avg-first"), FeatureCache(tmp_path / "maps-first")
+
+    pooled = extract_features(bb, paths, first, pool="avg", engine="torch", progress=False)
     assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 512)
-    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
-    assert maps.computed == 0 and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
-    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
-    again = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
+    assert len(_shard_entries(tmp_path / "avg-first")) == len(paths)
+    stored = sum(f.stat().st_size for f in _entries(tmp_path / "avg-first"))
+    assert stored < len(paths) * (512 * 4 + 256)  # a vector each, not a 512x2x2 map
+    again = extract_features(bb, paths, first, pool="avg", engine="torch", progress=False)
     assert again.computed == 0
     torch.testing.assert_close(again.features, pooled.features)
+    maps = extract_features(bb, paths, first, engine="torch", progress=False)  # the vectors cannot make maps
+    assert maps.computed == len(paths) and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
+    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
+
+    extract_features(bb, paths, second, engine="torch", progress=False)
+    from_maps = extract_features(bb, paths, second, pool="avg", engine="torch", progress=False)
+    assert from_maps.computed == 0 and from_maps.cached == len(paths)
+    torch.testing.assert_close(from_maps.features, pooled.features)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import headstart
 import headstart.training.recipes
 import headstart.api
+import headstart.cache
 import headstart.features
 from conftest import random_vgg_weights
 from headstart.cli import build_parser, error_message, main
@@ -102,7 +103,7 @@ def test_weights_that_do_not_fit_fail_before_extraction(tmp_path, image_folder, 
 
 
 def test_no_room_for_the_cache_fails_before_extraction(tmp_path, image_folder, capsys, monkeypatch, no_extraction):
-    monkeypatch.setattr(headstart.features.shutil, "disk_usage",
+    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10_000, 10_000))
     weights = random_vgg_weights(tmp_path / "w.safetensors")
     assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--cache",

@@ -1,4 +1,4 @@
-"""Feature extraction through a frozen backbone, and the on-disk feature cache.
+"""Feature extraction through a frozen backbone, filling and reusing the feature cache (``headstart.cache``).
 
 A cache entry is keyed by the backbone (name + weights digest), the data config, the view
 (plain or an augmented view) and the image file's content, so a second training on the same
@@ -11,12 +11,8 @@ images runs no backbone pass.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +20,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .cache import FeatureCache, atomic_write, entry_bytes
 from .data.pipeline import decoded_batches, default_decode_threads
 from .data.transforms import RESAMPLING, EvalTransform, decode_size
-from .errors import ConfigError, ImageReadError, StorageError
+from .errors import ConfigError, ImageReadError
 
 __all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
            "cache_key", "features_shape", "atomic_write"]
@@ -51,123 +46,12 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class FeatureCache:
-    """Per-image feature files under ``root/<namespace>/``, each with a content digest checked on read."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.corrupt: list[str] = []  # entries found damaged and recomputed, for the run's report
-        self.damage: dict[str, str] = {}  # entry -> what was wrong with it
-        self.write_error: str | None = None  # set when writing failed (disk full...); the run goes on uncached
-
-    @classmethod
-    def default(cls) -> "FeatureCache":
-        root = os.environ.get("HEADSTART_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headstart"
-        return cls(Path(root) / "features")
-
-    @staticmethod
-    def namespace(key: dict) -> str:
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-    def _path(self, ns: str, digest: str) -> Path:
-        return self.root / ns / digest[:2] / f"{digest}.safetensors"
-
-    def describe(self, ns: str, key: dict) -> None:
-        p = self.root / ns / "key.json"
-        if not p.exists() and self.write_error is None:
-            try:
-                atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
-            except OSError as exc:
-                self._write_failed(exc)
-
-    def get(self, ns: str, digest: str) -> torch.Tensor | None:
-        p = self._path(ns, digest)
-        if not p.exists():
-            return None
-        try:
-            with safe_open(str(p), "pt") as f:  # the digest lives in the header's metadata
-                expected = (f.metadata() or {}).get("sha256")
-                # a private copy: the checked bytes are the served bytes, even if the file changes later
-                t = f.get_tensor("features").clone()
-            if expected == _tensor_digest(t):
-                return t
-            reason = "digest mismatch"
-        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-            reason = f"{type(exc).__name__}: {str(exc)[:100]}"
-        log.warning("feature cache entry %s is damaged (%s); recomputing it", p, reason)
-        self.corrupt.append(str(p))
-        self.damage[str(p)] = reason
-        p.unlink(missing_ok=True)
-        return None
-
-    def put(self, ns: str, digest: str, features: torch.Tensor) -> None:
-        """Store one entry atomically. A failed write (disk full, permissions) is logged once and later
-        writes are skipped: the features are still used, only not kept."""
-        if self.write_error is not None:
-            return
-        t = torch.from_numpy(features.detach().numpy().copy())  # a compact copy, made without torch's threads
-        meta = {"sha256": _tensor_digest(t)}
-        try:
-            atomic_write(self._path(ns, digest), lambda tmp: save_file({"features": t}, tmp, metadata=meta))
-        except (OSError, SafetensorError) as exc:
-            self._write_failed(exc)
-
-    def _write_failed(self, exc: Exception) -> None:
-        self.write_error = f"{type(exc).__name__}: {exc}"
-        log.warning("cannot write to the feature cache %s (%s); going on without storing features",
-                    self.root, self.write_error)
-
-    def check_room(self, n_images: int, feature_shape: Sequence[int], key: dict | None = None) -> None:
-        """Fail before extraction when the cache folder cannot be written or its disk lacks room.
-
-        The estimate is ``n_images`` entries of ``prod(feature_shape)`` float32 values plus a header each,
-        less the entries already stored under ``key`` (``cache_key``), if given.
-
-        Raises:
-            StorageError: the folder cannot be created or written, or the free space is below the estimate.
-        """
-        stored = 0
-        if key is not None and (self.root / self.namespace(key)).is_dir():
-            stored = sum(1 for _ in (self.root / self.namespace(key)).glob("*/*.safetensors"))
-        n_images = max(0, n_images - stored)
-        need = n_images * entry_bytes(feature_shape)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test.", suffix=".tmp")
-            os.close(fd)
-            os.unlink(probe)
-            free = shutil.disk_usage(self.root).free
-        except OSError as exc:
-            raise StorageError(f"The feature cache folder {str(self.root)!r} cannot be written "
-                               f"({type(exc).__name__}: {exc.strerror or exc}). Point --cache (or $HEADSTART_CACHE) "
-                               "to a writable folder, or use --no-cache.") from exc
-        if free < need:
-            raise StorageError(f"The feature cache in {str(self.root)!r} needs about {_mb(need)} for {n_images} "
-                               f"images ({_mb(entry_bytes(feature_shape))} each) but its disk has {_mb(free)} free. "
-                               "Free some space, point --cache to a bigger disk, or use --no-cache.")
-
-
-def cache_key(backbone, view: dict | None = None) -> dict:
-    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
-    return {"backbone": backbone.name, "weights": backbone.weights_digest,
-            "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
+def cache_key(backbone, view: dict | None = None, pool: str | None = None) -> dict:
+    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view,
+    and ``pool`` for entries that keep only the averaged map."""
+    key = {"backbone": backbone.name, "weights": backbone.weights_digest,
+           "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
+    return key | {"pool": pool} if pool else key
 
 
 POOLS = (None, "avg")
@@ -176,15 +60,6 @@ POOLS = (None, "avg")
 def features_shape(backbone, pool: str | None = None) -> tuple[int, ...]:
     """Shape of one image's features: the feature map ``(C, H, W)``, or ``(C,)`` averaged (``pool="avg"``)."""
     return (backbone.feature_shape[0],) if pool == "avg" else tuple(backbone.feature_shape)
-
-
-def entry_bytes(feature_shape: Sequence[int]) -> int:
-    """Bytes one cache entry takes on disk: float32 features plus the safetensors header (~200 bytes)."""
-    return 4 * math.prod(feature_shape) + 256
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 @dataclass
@@ -198,7 +73,8 @@ class Extraction:
     digests: list[str | None] = field(default_factory=list)      # per input path
     computed: int = 0                 # images that went through the backbone
     cached: int = 0                   # images served from the cache
-    recomputed: list[tuple[str, str, str]] = field(default_factory=list)  # (image, damaged cache entry, why)
+    # (image, damaged cache entry, why); image None: a shard with an unreadable header, whose images are unknown
+    recomputed: list[tuple[str | None, str, str]] = field(default_factory=list)
 
 
 def _safe_digest(path) -> str | ImageReadError:
@@ -233,8 +109,9 @@ def extract_features(
     some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
     cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
     ``pool="avg"`` returns each feature map's average over positions, ``(C,)``: all that an averaging head
-    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache keeps whole maps either
-    way, so a later run with another head still finds every image there.
+    reads, in 1/(H*W) of the memory and of the cache's disk (1/49 for efficientnet_lite0 at 224). Such a run
+    stores averages only, and also reads the whole maps a run with a flattening head stored; a flattening
+    run after an averaging one computes its maps.
 
     Raises:
         ConfigError: an unknown ``engine`` or ``pool``. EngineError: ``engine="onnx"`` cannot run this backbone.
@@ -243,16 +120,25 @@ def extract_features(
         raise ConfigError(f"pool {pool!r} is not one of {POOLS}")
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
-    key = cache_key(backbone, transform.spec() if hasattr(transform, "spec") else None)
+    view = transform.spec() if hasattr(transform, "spec") else None
+    key = cache_key(backbone, view, pool)
     shape = features_shape(backbone, pool)
     ns = FeatureCache.namespace(key)
+    # an averaging run also takes whole maps stored by a flattening run, and averages them
+    namespaces = [(ns, shape)] + ([(FeatureCache.namespace(cache_key(backbone, view)), features_shape(backbone))]
+                                  if pool == "avg" else [])
     if cache is not None:
         cache.describe(ns, key)
+    recomputed: list[tuple[str | None, str, str]] = []
+    for space, _ in namespaces if cache is not None else ():
+        n_corrupt = len(cache.corrupt)
+        cache.index(space, refresh=True)  # other processes may have stored shards since this cache last looked
+        # a shard whose header is unreadable names no image: reported with the images it held unknown
+        recomputed += [(None, e, cache.damage.get(e, "damaged")) for e in cache.corrupt[n_corrupt:]]
     n = len(paths)
     out = torch.empty((n, *shape), dtype=torch.float32)
     have = torch.zeros(n, dtype=torch.bool)
     errors: dict[int, str] = {}
-    recomputed: list[tuple[str, str, str]] = []
     with ThreadPoolExecutor(max_workers=max(2, threads)) as hashing:
         # content digests key the cache, seed augmented views, and find the same image twice: always taken
         digests = list(hashing.map(_safe_digest, paths))
@@ -263,15 +149,16 @@ def extract_features(
                 digests[i] = None
                 continue
             n_corrupt = len(cache.corrupt) if cache is not None else 0
-            hit = cache.get(ns, d) if cache is not None else None
-            if cache is not None and len(cache.corrupt) > n_corrupt:
-                entry = cache.corrupt[-1]
-                recomputed.append((str(paths[i]), entry, cache.damage.get(entry, "damaged")))
-            if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
-                out[i] = torch.from_numpy(_average(hit.numpy())) if pool == "avg" else hit
-                have[i] = True
-            else:
+            for space, stored_shape in namespaces if cache is not None else ():
+                hit = cache.get(space, d)
+                if hit is not None and tuple(hit.shape) == stored_shape:
+                    out[i] = hit if len(stored_shape) == len(shape) else torch.from_numpy(_average(hit.numpy()))
+                    have[i] = True
+                    break
+            if not have[i]:
                 todo.append(i)
+                damaged = cache.corrupt[n_corrupt:] if cache is not None else []
+                recomputed += [(str(paths[i]), e, cache.damage.get(e, "damaged")) for e in damaged]
     if todo and runner is None:
         from .engines import make_runner  # engines import this module
 
@@ -314,10 +201,11 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
                 with torch.inference_mode():
                     feats = runner(batch)
                 # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-                out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
+                kept = _average(feats.numpy()) if pool == "avg" else feats.numpy()
+                out_np[idx] = kept
                 have[idx] = True
                 if writer is not None:
-                    writer.put([digests[i] for i in idx], feats)
+                    writer.put([digests[i] for i in idx], kept)
                 computed += len(idx)
             bar.update(len(idx) + len(failed))
     finally:
@@ -351,9 +239,7 @@ class _CacheWriter:
         self.futures.append(self.pool.submit(self._store, digests, feats))
 
     def _store(self, digests, feats) -> None:
-        for j, d in enumerate(digests):
-            if d is not None:
-                self.cache.put(self.ns, d, feats[j])
+        self.cache.put_many(self.ns, digests, feats)
 
     def close(self) -> None:
         try:
