@@ -132,8 +132,8 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
         shutil.rmtree(ex_cache.root.parent)
         return ex.computed / t
 
-    # what `headstart train` extracts for the backbone's default head: whole maps for a flattening head,
-    # averaged maps (and cache entries) for an averaging one
+    # what `headstart train` extracts for the backbone's default head: for an averaging head, averages in
+    # memory (the cache still gets whole maps)
     head_pool = "avg" if registry.get(name).default_head == "avg" else None
 
     # every measure once per round, rounds interleaved, best round kept: load from other jobs on a shared
@@ -193,7 +193,7 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
         f"end-to-end ceiling at equal core use {cpu_backbone / (cpu_backbone + cpu_input):.2f}x")
     cases = [("torch", "maps to cache", "e2e_torch", "torch"), (default.engine, "maps to cache", "e2e_default", "default")]
     if head_pool:
-        cases.append((default.engine, "averaged, default head", "e2e_default_avg", "default"))
+        cases.append((default.engine, "averaged in memory, default head", "e2e_default_avg", "default"))
     for engine, what, key, bkey in cases:
         row(label, f"end to end extraction, {engine} engine ({what})", f"{r[key]:.1f} img/s",
             f"{r[key] / r[bkey]:.2f}x best backbone-only; {paired(key, bkey):.2f}x same round, median "

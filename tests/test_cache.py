@@ -238,29 +238,20 @@ def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_fold
     assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
 
 
-def test_an_averaging_head_keeps_one_vector_per_image_and_reads_maps_stored_by_a_flattening_run(tmp_path):
-    """``pool="avg"``: (N, C) features in memory and on disk, the same numbers as averaging the maps; an
-    averaging run serves itself from maps a flattening run stored, and stores only its small vectors."""
+def test_an_averaging_head_holds_one_vector_per_image_and_shares_the_cached_maps(tmp_path):
+    """``pool="avg"``: (N, C) features in memory, the same numbers as averaging the maps, and the cache keeps
+    whole maps, so runs with either head serve each other from it."""
     from headstart.backbones import create_backbone
 
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
     paths = sorted(data.rglob("*.png"))
     bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
-    first, second = FeatureCache(tmp_path / "avg-first"), FeatureCache(tmp_path / "maps-first")
-
-    pooled = extract_features(bb, paths, first, pool="avg", engine="torch", progress=False)
+    cache = FeatureCache(tmp_path / "cache")
+    pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
     assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 512)
-    assert len(_shard_entries(tmp_path / "avg-first")) == len(paths)
-    stored = sum(f.stat().st_size for f in _entries(tmp_path / "avg-first"))
-    assert stored < len(paths) * (512 * 4 + 256)  # a vector each, not a 512x2x2 map
-    again = extract_features(bb, paths, first, pool="avg", engine="torch", progress=False)
+    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
+    assert maps.computed == 0 and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
+    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
+    again = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
     assert again.computed == 0
     torch.testing.assert_close(again.features, pooled.features)
-    maps = extract_features(bb, paths, first, engine="torch", progress=False)  # the vectors cannot make maps
-    assert maps.computed == len(paths) and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
-    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
-
-    extract_features(bb, paths, second, engine="torch", progress=False)
-    from_maps = extract_features(bb, paths, second, pool="avg", engine="torch", progress=False)
-    assert from_maps.computed == 0 and from_maps.cached == len(paths)
-    torch.testing.assert_close(from_maps.features, pooled.features)

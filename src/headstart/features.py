@@ -46,12 +46,10 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def cache_key(backbone, view: dict | None = None, pool: str | None = None) -> dict:
-    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view,
-    and ``pool`` for entries that keep only the averaged map."""
-    key = {"backbone": backbone.name, "weights": backbone.weights_digest,
-           "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
-    return key | {"pool": pool} if pool else key
+def cache_key(backbone, view: dict | None = None) -> dict:
+    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
+    return {"backbone": backbone.name, "weights": backbone.weights_digest,
+            "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
 
 
 POOLS = (None, "avg")
@@ -109,9 +107,8 @@ def extract_features(
     some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
     cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
     ``pool="avg"`` returns each feature map's average over positions, ``(C,)``: all that an averaging head
-    reads, in 1/(H*W) of the memory and of the cache's disk (1/49 for efficientnet_lite0 at 224). Such a run
-    stores averages only, and also reads the whole maps a run with a flattening head stored; a flattening
-    run after an averaging one computes its maps.
+    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache keeps whole maps either
+    way, so a later run with another head still finds every image there.
 
     Raises:
         ConfigError: an unknown ``engine`` or ``pool``. EngineError: ``engine="onnx"`` cannot run this backbone.
@@ -120,19 +117,14 @@ def extract_features(
         raise ConfigError(f"pool {pool!r} is not one of {POOLS}")
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
-    view = transform.spec() if hasattr(transform, "spec") else None
-    key = cache_key(backbone, view, pool)
+    key = cache_key(backbone, transform.spec() if hasattr(transform, "spec") else None)
     shape = features_shape(backbone, pool)
     ns = FeatureCache.namespace(key)
-    # an averaging run also takes whole maps stored by a flattening run, and averages them
-    namespaces = [(ns, shape)] + ([(FeatureCache.namespace(cache_key(backbone, view)), features_shape(backbone))]
-                                  if pool == "avg" else [])
+    recomputed: list[tuple[str | None, str, str]] = []
     if cache is not None:
         cache.describe(ns, key)
-    recomputed: list[tuple[str | None, str, str]] = []
-    for space, _ in namespaces if cache is not None else ():
         n_corrupt = len(cache.corrupt)
-        cache.index(space, refresh=True)  # other processes may have stored shards since this cache last looked
+        cache.index(ns, refresh=True)  # other processes may have stored shards since this cache last looked
         # a shard whose header is unreadable names no image: reported with the images it held unknown
         recomputed += [(None, e, cache.damage.get(e, "damaged")) for e in cache.corrupt[n_corrupt:]]
     n = len(paths)
@@ -149,13 +141,11 @@ def extract_features(
                 digests[i] = None
                 continue
             n_corrupt = len(cache.corrupt) if cache is not None else 0
-            for space, stored_shape in namespaces if cache is not None else ():
-                hit = cache.get(space, d)
-                if hit is not None and tuple(hit.shape) == stored_shape:
-                    out[i] = hit if len(stored_shape) == len(shape) else torch.from_numpy(_average(hit.numpy()))
-                    have[i] = True
-                    break
-            if not have[i]:
+            hit = cache.get(ns, d) if cache is not None else None
+            if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
+                out[i] = torch.from_numpy(_average(hit.numpy())) if pool == "avg" else hit
+                have[i] = True
+            else:
                 todo.append(i)
                 damaged = cache.corrupt[n_corrupt:] if cache is not None else []
                 recomputed += [(str(paths[i]), e, cache.damage.get(e, "damaged")) for e in damaged]
@@ -201,11 +191,10 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
                 with torch.inference_mode():
                     feats = runner(batch)
                 # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-                kept = _average(feats.numpy()) if pool == "avg" else feats.numpy()
-                out_np[idx] = kept
+                out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
                 have[idx] = True
-                if writer is not None:
-                    writer.put([digests[i] for i in idx], kept)
+                if writer is not None:  # whole maps, whatever the head: another head's run reuses them
+                    writer.put([digests[i] for i in idx], feats.numpy())
                 computed += len(idx)
             bar.update(len(idx) + len(failed))
     finally:
