@@ -143,7 +143,9 @@ def bench_backbone(name, size, weights, paths, args, cache_root: Path, mm: float
         f(x[:2])
         f(x)
     rounds = {k: [] for k in list(fns) + ["e2e_torch", "e2e_default", "e2e_default_avg"]}
-    reps = max(1, args.backbone_images // args.rounds // len(x))
+    # each backbone-only rate over as many images as an end-to-end round extracts: a rate from one batch
+    # (128 images over 3 rounds, as before) swung by 25% between rounds, and its best round made the ratio
+    reps = max(1, (args.backbone_images or n) // len(x))
     order = list(fns)
     for k in range(args.rounds):
         # a session whose threads still spin after returning (raw ORT, torch's OpenMP team) slows whatever runs
@@ -356,7 +358,7 @@ def main() -> None:
     p.add_argument("--vgg-weights", help="VGG16 notop weights file (default: the ImageNet lookup)")
     p.add_argument("--backbones", nargs="*", default=["vgg16@150", "efficientnet_lite0@224"])
     p.add_argument("--images", type=int, default=256, help="images for decode and end-to-end rates")
-    p.add_argument("--backbone-images", type=int, default=128, help="images per backbone-only rate")
+    p.add_argument("--backbone-images", type=int, help="images per backbone-only rate and round (default: --images)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per rate; the best is kept")
     p.add_argument("--predict-images", type=int, default=1000)
