@@ -195,8 +195,9 @@ def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads
                 cache: FeatureCache | None = None):
     """A runner for ``backbone`` on ``engine``: ``"torch"``, ``"onnx"``, or ``"auto"`` (ONNX Runtime when it
     is installed and the export works, else torch; the reason is logged). ONNX Runtime is the default because
-    it was the faster on both registered families in ``benchmarks/speed.py`` (efficientnet_lite0 about 3x
-    torch channels-last on 2 cores, vgg16 about 1.3x).
+    it was the faster for efficientnet_lite0 in ``benchmarks/speed.py`` (144 vs 129 img/s for torch channels-last
+    on 2 cores, best of 5 rounds) and on par for vgg16 (16.6 vs 16.8), once ``hardware.tune_malloc`` stopped
+    torch's page faults (before it, 3x and 1.3x).
 
     ``batch_size`` is the batch the runner will see (kept for engines that specialise on it).
     ``cache`` decides where exported graphs are kept (next to its feature folder; default: the default cache).
