@@ -45,36 +45,29 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one."""
+    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one.
+
+    The temporary name is unique per process and thread (no two writes of one path overlap in a thread),
+    which costs less than ``mkstemp``'s random draw and file creation.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_entry(path: Path, data: bytes) -> None:
-    """``atomic_write`` for the cache's files, at half its cost (0.44 vs 0.88 ms for a 250 kB file): a
-    temporary name from the process and thread instead of ``mkstemp``'s random draw, and the folder made only
-    when the first open finds it missing."""
     tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_entry(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: _write_bytes(tmp, data))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def _shard_members(path: Path) -> list[str]:
@@ -97,6 +90,19 @@ def _shard_members(path: Path) -> list[str]:
     if not isinstance(header, dict):
         raise ValueError("the header is not a table")
     return [k for k in header if k != "__metadata__"]
+
+
+def _read_checked(path: Path, name: str, digest_key: str) -> tuple[torch.Tensor | None, str]:
+    """Tensor ``name`` of a safetensors file if it matches the digest stored under ``digest_key`` in the header's
+    metadata, else ``(None, what was wrong)``."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(digest_key)
+            # a private copy: the checked bytes are the served bytes, even if the file changes later
+            t = f.get_tensor(name).clone()
+    except _READ_ERRORS as exc:
+        return None, f"{type(exc).__name__}: {str(exc)[:100]}"
+    return (t, "") if expected == _tensor_digest(t) else (None, "digest mismatch")
 
 
 class FeatureCache:
@@ -168,37 +174,19 @@ class FeatureCache:
         """The stored features, or ``None``: not stored, or damaged (then reported and dropped)."""
         shard = self.index(ns).get(digest)
         if shard is not None:
-            return self._get_from_shard(ns, shard, digest)
-        p = self._path(ns, digest)
+            t, reason = _read_checked(shard, digest, digest)
+            if t is None:
+                self._damaged(f"{shard}#{digest}", reason)
+                self._drop(ns, shard, digest)
+            return t
+        p = self._path(ns, digest)  # a single-entry file
         if not p.exists():
             return None
-        try:
-            with safe_open(str(p), "pt") as f:  # the digest lives in the header's metadata
-                expected = (f.metadata() or {}).get("sha256")
-                # a private copy: the checked bytes are the served bytes, even if the file changes later
-                t = f.get_tensor("features").clone()
-            if expected == _tensor_digest(t):
-                return t
-            reason = "digest mismatch"
-        except _READ_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {str(exc)[:100]}"
-        self._damaged(str(p), reason)
-        p.unlink(missing_ok=True)
-        return None
-
-    def _get_from_shard(self, ns: str, shard: Path, digest: str) -> torch.Tensor | None:
-        try:
-            with safe_open(str(shard), "pt") as f:
-                expected = (f.metadata() or {}).get(digest)
-                t = f.get_tensor(digest).clone()
-            if expected == _tensor_digest(t):
-                return t
-            reason = "digest mismatch"
-        except _READ_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {str(exc)[:100]}"
-        self._damaged(f"{shard}#{digest}", reason)
-        self._drop(ns, shard, digest)
-        return None
+        t, reason = _read_checked(p, "features", "sha256")
+        if t is None:
+            self._damaged(str(p), reason)
+            p.unlink(missing_ok=True)
+        return t
 
     def _drop(self, ns: str, shard: Path, digest: str) -> None:
         """Rewrite ``shard`` without ``digest`` (or delete it when nothing else in it can be read)."""
