@@ -59,7 +59,8 @@ def test_extraction_gives_the_same_features_on_either_engine(image_folder):
     torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-5)
 
 
-def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path):
+@pytest.mark.parametrize("read_ahead,most", [(True, 4 + 1 + 6), (False, 4)])
+def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahead, most):
     paths = [make_image(tmp_path / f"{i}.png", (10 * i, 0, 0)) for i in range(40)]
     paths[7].write_bytes(b"broken")
     bb = create_backbone("vgg16", weights=None, input_size=32)
@@ -70,16 +71,18 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path):
         decoded.append(1)
         return base(im)
 
-    batches = decoded_batches(paths, range(40), transform, batch_size=4, threads=2, prefetch=6)
+    batches = decoded_batches(paths, range(40), transform, batch_size=4, threads=2, prefetch=6,
+                              read_ahead=read_ahead)
     first = next(batches)
     import time
 
-    time.sleep(0.3)  # a slow backbone: the decoders must wait instead of reading everything
-    assert len(decoded) <= 4 + 1 + 6
+    time.sleep(0.3)  # a slow backbone: the decoders must wait (in turns: not run at all) while it holds a batch
+    assert len(decoded) <= most
     rest = list(batches)
     idx = first[0] + [i for b in rest for i in b[0]]
     assert idx == [i for i in range(40) if i != 7]
     assert [e for b in [first] + rest for e in b[2]][0][0] == 7
+    assert all(b[1].shape[0] == len(b[0]) for b in [first] + rest)
 
 
 def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp_path, capsys):

@@ -41,7 +41,7 @@ _READ_ERRORS = (SafetensorError, OSError, KeyError, ValueError, RuntimeError, Ty
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+    return hashlib.sha256(np.ascontiguousarray(t.numpy())).hexdigest()[:32]  # hashed in place, no bytes copy
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

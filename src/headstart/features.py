@@ -154,7 +154,7 @@ def extract_features(
 
         runner = make_runner(backbone, engine, batch_size, threads=threads, cache=cache)
     computed = _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
-                             batch_size, decode_threads or default_decode_threads(threads), progress, desc, pool)
+                             batch_size, threads, decode_threads, progress, desc, pool)
     ok = [i for i in range(n) if have[i]]
     err_list = [(str(paths[i]), errors[i]) for i in sorted(errors)]
     for p, reason in err_list:
@@ -169,7 +169,7 @@ def extract_features(
 
 
 def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
-                  batch_size, decode_threads, progress, desc, pool=None) -> int:
+                  batch_size, threads, decode_threads, progress, desc, pool=None) -> int:
     if not todo:
         return 0
     runner = runner or backbone
@@ -182,12 +182,19 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
     # feature maps took ~6% of the wall time of efficientnet_lite0 extraction when done in between batches
     writer = _CacheWriter(cache, ns) if cache is not None else None
     out_np = out.numpy()
+    # an engine that takes turns with the input pipeline (see TorchRunner) has every core while it runs: the
+    # decoding then uses them all, and the cache writes are done before its next pass
+    read_ahead = getattr(runner, "read_ahead", True)
+    decode_threads = decode_threads or (default_decode_threads(threads) if read_ahead else threads)
     try:
         for idx, batch, failed in decoded_batches(paths, todo, transform, batch_size,
                                                   min_size=decode_size(backbone.data_config),
-                                                  threads=decode_threads, keys=digests):
+                                                  threads=decode_threads, keys=digests,
+                                                  read_ahead=read_ahead):
             errors.update(failed)
             if idx:
+                if writer is not None and not read_ahead:
+                    writer.wait()
                 with torch.inference_mode():
                     feats = runner(batch)
                 # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
@@ -229,6 +236,11 @@ class _CacheWriter:
 
     def _store(self, digests, feats) -> None:
         self.cache.put_many(self.ns, digests, feats)
+
+    def wait(self) -> None:
+        """Return when every batch handed in is stored."""
+        while self.futures:
+            self.futures.pop(0).result()
 
     def close(self) -> None:
         try:

@@ -61,6 +61,7 @@ def decoded_batches(
     threads: int = 1,
     prefetch: int | None = None,
     keys: Sequence[str | None] | None = None,
+    read_ahead: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Yield ``(indices, batch (n, 3, H, W) or None, errors [(index, reason)])`` in input order.
 
@@ -68,12 +69,37 @@ def decoded_batches(
     through ``transform`` and stacked; unreadable files become ``errors`` rows, never exceptions.
     ``prefetch`` (default: two batches) bounds the images decoded ahead of the consumer. A transform with
     ``keyed = True`` (an augmented view) also receives ``keys[i]``, the image's content digest.
+    ``read_ahead=False`` takes turns instead: nothing is decoded while the consumer holds a batch, and the next
+    one is decoded by all ``threads`` when it asks (for engines whose threads spin-wait, see ``TorchRunner``).
     """
     tune_malloc()  # each photo's decoded and resized copies are large blocks (see headstart.hardware)
+    if not read_ahead:
+        return _in_turns(paths, list(indices), transform, batch_size, min_size, threads, keys)
+    return _read_ahead(paths, indices, transform, batch_size, min_size, threads, prefetch, keys)
+
+
+def _decoders(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="headstart-decode")
+
+
+def _in_turns(paths, todo, transform, batch_size, min_size, threads, keys):
+    pool = _decoders(threads)
+    try:
+        for start in range(0, len(todo), batch_size):
+            part = todo[start:start + batch_size]
+            items = list(pool.map(lambda i: _prepare(paths[i], transform, min_size, keys[i] if keys else None), part))
+            ok = [(i, item) for i, item in zip(part, items) if not isinstance(item, ImageReadError)]
+            errors = [(i, item.reason) for i, item in zip(part, items) if isinstance(item, ImageReadError)]
+            yield [i for i, _ in ok], _stack([item for _, item in ok]) if ok else None, errors
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_ahead(paths, indices, transform, batch_size, min_size, threads, prefetch, keys):
     prefetch = max(1, prefetch or 2 * batch_size)
     todo = iter(indices)
     pending: deque = deque()
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="headstart-decode")
+    pool = _decoders(threads)
 
     def fill():
         while len(pending) < prefetch:
