@@ -1,4 +1,5 @@
-"""The input pipeline: images decoded and resized in threads while the backbone runs, with bounded read-ahead.
+"""The input pipeline: images decoded and resized in threads while the backbone runs (bounded read-ahead), or
+in turns with it.
 
     >>> for idx, batch, errors in decoded_batches(paths, range(len(paths)), EvalTransform(cfg), 32):
     ...     features = runner(batch)
