@@ -245,14 +245,15 @@ class LazyRunner:
         """The engine in use (``None`` until the first batch)."""
         return self.runner.engine if self.runner is not None else None
 
+    def _made(self):
+        if self.runner is None:
+            self.runner = make_runner(self.backbone, self.requested, self.batch_size, **self.kwargs)
+        return self.runner
+
     @property
     def read_ahead(self) -> bool:
         """Whether images should be decoded while this runner computes (makes the runner when asked)."""
-        if self.runner is None:
-            self.runner = make_runner(self.backbone, self.requested, self.batch_size, **self.kwargs)
-        return self.runner.read_ahead
+        return self._made().read_ahead
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runner is None:
-            self.runner = make_runner(self.backbone, self.requested, self.batch_size, **self.kwargs)
-        return self.runner(x)
+        return self._made()(x)

@@ -244,7 +244,6 @@ class _CacheWriter:
 
     def close(self) -> None:
         try:
-            for f in self.futures:
-                f.result()
+            self.wait()
         finally:
             self.pool.shutdown(wait=True)

@@ -88,10 +88,15 @@ def _in_turns(paths, todo, transform, batch_size, min_size, threads, keys):
     try:
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
-            items = list(pool.map(lambda i: _prepare(paths[i], transform, min_size, keys[i] if keys else None), part))
-            ok = [(i, item) for i, item in zip(part, items) if not isinstance(item, ImageReadError)]
-            errors = [(i, item.reason) for i, item in zip(part, items) if isinstance(item, ImageReadError)]
-            yield [i for i, _ in ok], _stack([item for _, item in ok]) if ok else None, errors
+            items = pool.map(lambda i: _prepare(paths[i], transform, min_size, keys[i] if keys else None), part)
+            idx, good, errors = [], [], []
+            for i, item in zip(part, items):
+                if isinstance(item, ImageReadError):
+                    errors.append((i, item.reason))
+                else:
+                    idx.append(i)
+                    good.append(item)
+            yield idx, _stack(good) if good else None, errors
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
