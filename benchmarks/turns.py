@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from headstart.backbones.base import create_backbone
-from headstart.engines import TorchRunner, make_runner
+from headstart.engines import TorchRunner, make_runner, run_batches
 from headstart.features import FeatureCache, extract_features
 from headstart.predict import collect_images
 
@@ -48,8 +48,8 @@ def main() -> None:
                 runner(x)
                 time.sleep(0.3)
                 t = time.perf_counter()
-                for _ in range(reps):
-                    runner(x)
+                for _ in run_batches(runner, ((list(range(len(x))), x) for _ in range(reps))):  # as extraction runs it
+                    pass
                 backbone = reps * len(x) / (time.perf_counter() - t)
                 line = f"round {r} {engine}: backbone only {backbone:.1f} img/s"
                 for mode in (("ahead", "turns") if r % 2 == 0 else ("turns", "ahead")):

@@ -107,3 +107,63 @@ def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp
         assert main(["predict", str(run), str(image_folder / "val"), "--format", "json", "--engine", engine]) == 0
         outputs[engine] = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in outputs["torch"]] == [r["label"] for r in outputs["onnx"]]
+
+
+class _LaneRunner:
+    """A runner with two lanes whose features are each image's mean; records the parts handed to it."""
+
+    lanes = 2
+
+    def __init__(self, fail_on: float | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(2)
+        self.fail_on = fail_on
+        self.submitted = 0
+        self.finished = 0
+
+    def run(self, x):
+        import time
+
+        time.sleep(0.02 * len(x) / 4)  # unequal parts take unequal times: results come out of order
+        if self.fail_on is not None and (x.mean(dim=(1, 2, 3)) == self.fail_on).any():
+            raise ValueError("this image breaks the engine")
+        self.finished += 1
+        return x.mean(dim=(2, 3))
+
+    def submit(self, x):
+        self.submitted += 1
+        return self.pool.submit(self.run, x)
+
+
+def test_lanes_give_every_image_its_own_features_with_few_parts_in_flight():
+    from headstart.engines import run_batches
+
+    runner = _LaneRunner()
+    images = torch.arange(23, dtype=torch.float32).reshape(23, 1, 1, 1).expand(23, 3, 2, 2).contiguous()
+    batches = ([list(range(s, min(s + 5, 23))), images[s:s + 5]] for s in range(0, 23, 5))
+    seen, most, consumed = {}, 0, 0
+    for idx, feats in run_batches(runner, batches):
+        consumed += 1
+        most = max(most, runner.submitted - consumed + 1)
+        for i, f in zip(idx, feats):
+            assert i not in seen
+            seen[i] = f
+    assert sorted(seen) == list(range(23))
+    assert all(torch.equal(seen[i], torch.full((3,), float(i))) for i in seen)  # each index got its own image's
+    assert runner.submitted == 10  # every batch in two parts, one per lane
+    assert most <= runner.lanes + 1  # the lanes' parts plus one queued: memory stays bounded
+
+
+def test_an_engine_error_in_a_lane_reaches_the_caller_and_stops_the_rest():
+    from headstart.engines import run_batches
+
+    runner = _LaneRunner(fail_on=6.0)
+    images = torch.arange(40, dtype=torch.float32).reshape(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
+    batches = ([list(range(s, s + 4)), images[s:s + 4]] for s in range(0, 40, 4))
+    with pytest.raises(ValueError, match="breaks the engine"):
+        for _ in run_batches(runner, batches):
+            pass
+    runner.pool.shutdown(wait=True)
+    assert runner.submitted < 20  # the batches after the error were never run
+    assert runner.finished <= runner.submitted - 1

@@ -12,6 +12,7 @@ images the way the weights expect without headstart.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 from .backbones.registry import DataConfig
 from .engines import EngineError, export_onnx, onnx_session
 from .errors import ConfigError, RunFormatError
+from .features import default_threads
 
 __all__ = ["FORMAT", "export_onnx_model", "OnnxModel", "is_onnx_file"]
 
@@ -90,7 +92,10 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise RunFormatError(f"{str(self.path)!r} does not exist; pass a file written by `headstart export`")
-        self.session = onnx_session(self.path, threads)
+        # one thread per run, a run per core on parts of each batch (as the backbone's OnnxRunner)
+        self.lanes = threads or default_threads()
+        self.session = onnx_session(self.path, 1)
+        self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="headstart-onnx")
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
             raise RunFormatError(f"{str(self.path)!r} is an ONNX file but not a headstart export (no "
@@ -108,7 +113,11 @@ class OnnxModel:
 
     def _run(self, images) -> list[np.ndarray]:
         arr = images.detach().contiguous().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        return self.session.run(None, {self.input_name: arr.astype(np.float32, copy=False)})
+        parts = [p for p in np.array_split(arr.astype(np.float32, copy=False), self.lanes) if len(p)]
+        if len(parts) <= 1:
+            return self.session.run(None, {self.input_name: arr.astype(np.float32, copy=False)})
+        outs = list(self._pool.map(lambda p: self.session.run(None, {self.input_name: p}), parts))
+        return [np.concatenate(o) for o in zip(*outs)]
 
     def logits(self, images) -> np.ndarray:
         return self._run(images)[0]

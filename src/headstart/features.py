@@ -186,24 +186,28 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
     # decoding then uses them all, and the cache writes are done before its next pass
     read_ahead = getattr(runner, "read_ahead", True)
     decode_threads = decode_threads or (default_decode_threads(threads) if read_ahead else threads)
-    try:
+    from .engines import run_batches  # engines import this module
+
+    def batches():
         for idx, batch, failed in decoded_batches(paths, todo, transform, batch_size,
                                                   min_size=decode_size(backbone.data_config),
-                                                  threads=decode_threads, keys=digests,
-                                                  read_ahead=read_ahead):
+                                                  threads=decode_threads, keys=digests, read_ahead=read_ahead):
             errors.update(failed)
+            bar.update(len(failed))
             if idx:
                 if writer is not None and not read_ahead:
                     writer.wait()
-                with torch.inference_mode():
-                    feats = runner(batch)
-                # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-                out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
-                have[idx] = True
-                if writer is not None:  # whole maps, whatever the head: another head's run reuses them
-                    writer.put([digests[i] for i in idx], feats.numpy())
-                computed += len(idx)
-            bar.update(len(idx) + len(failed))
+                yield idx, batch
+
+    try:
+        for idx, feats in run_batches(runner, batches()):
+            # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
+            out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
+            have[idx] = True
+            if writer is not None:  # whole maps, whatever the head: another head's run reuses them
+                writer.put([digests[i] for i in idx], feats.numpy())
+            computed += len(idx)
+            bar.update(len(idx))
     finally:
         if writer is not None:
             writer.close()
