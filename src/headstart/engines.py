@@ -87,9 +87,9 @@ class OnnxRunner:
     By default each run uses one thread, and ``lanes`` runs (one per core) go at once on parts of the batch,
     with no barrier between operators: a core that the input pipeline takes for a moment delays one lane, not
     every operator of the pass. ``run_batches`` keeps the lanes busy across batches; a plain call splits the
-    batch and joins. ``lanes=1`` is one run at a time on all ``threads``. On 2 cores (efficientnet_lite0, 245
-    photos, 6 interleaved rounds, medians) the backbone ran at 143 vs 131 img/s in lanes against one run on
-    two intra-op threads, and end-to-end extraction at 118 vs 102 img/s (``benchmarks/speed.py`` measures both).
+    batch and joins. ``lanes=1`` is one run at a time on all ``threads``. On 2 cores (efficientnet_lite0,
+    ``benchmarks/speed.py``, 10 interleaved rounds, best) the backbone ran at 160 vs 141 img/s in lanes against
+    one run on two intra-op threads, and end-to-end extraction at 125 vs 117 img/s.
     Idle threads sleep, so images are decoded while it runs (``read_ahead``).
     """
 
@@ -264,9 +264,9 @@ def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads
                 cache: FeatureCache | None = None):
     """A runner for ``backbone`` on ``engine``: ``"torch"``, ``"onnx"``, or ``"auto"`` (ONNX Runtime when it
     is installed and the export works, else torch; the reason is logged). ONNX Runtime is the default because
-    it was the faster for efficientnet_lite0 in ``benchmarks/speed.py`` (144 vs 129 img/s for torch channels-last
-    on 2 cores, best of 5 rounds) and on par for vgg16 (16.6 vs 16.8), once ``hardware.tune_malloc`` stopped
-    torch's page faults (before it, 3x and 1.3x).
+    it was the faster for efficientnet_lite0 in ``benchmarks/speed.py`` (160 img/s in lanes vs 123 for torch
+    channels-last on 2 cores, best of 10 rounds) and on par for vgg16 (16.6 vs 16.5), once
+    ``hardware.tune_malloc`` stopped torch's page faults (before it, 3x and 1.3x).
 
     ``batch_size`` is the batch the runner will see (kept for engines that specialise on it).
     ``cache`` decides where exported graphs are kept (next to its feature folder; default: the default cache).
