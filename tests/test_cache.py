@@ -99,6 +99,20 @@ def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, ho
     assert json.loads((run / "data.json").read_text())["cache_recomputed"][0]["entry"] == recomputed[0]["entry"]
 
 
+@pytest.mark.parametrize("old,new", [(b'"F32"', b'"U32"'), (b'"F32"', b'"I32"'), (b"[7,5]", b"[5,7]")])
+def test_an_entry_whose_header_says_another_dtype_or_shape_is_not_served(tmp_path, old, new):
+    """Header edits that keep the byte count (found by the fuzz test below: "F32" -> "U32" served uint32 data)."""
+    cache = FeatureCache(tmp_path)
+    features = torch.linspace(-3, 3, 7 * 5).reshape(7, 5)
+    cache.put("ns", "cd" * 16, features)
+    path = cache._path("ns", "cd" * 16)
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new))
+    assert cache.get("ns", "cd" * 16) is None
+    assert cache.corrupt == [str(path)] and not path.exists()
+
+
 @pytest.fixture(scope="module")
 def one_entry(tmp_path_factory):
     """A cache holding one entry: (cache, namespace, digest, features, the entry's bytes)."""

@@ -33,15 +33,21 @@ from safetensors.torch import save
 
 from .errors import StorageError
 
-__all__ = ["FeatureCache", "atomic_write", "entry_bytes"]
+__all__ = ["ENTRY_FORMAT", "FeatureCache", "atomic_write", "entry_bytes"]
 
 log = logging.getLogger("headstart")
 
 _READ_ERRORS = (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError)
 
 
+ENTRY_FORMAT = 2  # part of the feature cache key; 2: an entry's digest covers its dtype and shape, not only bytes
+
+
 def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(np.ascontiguousarray(t.numpy())).hexdigest()[:32]  # hashed in place, no bytes copy
+    # the header too: one flipped byte turns "F32" into "U32", or two swap the sides of a shape, bytes unchanged
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    h.update(np.ascontiguousarray(t.numpy()))  # hashed in place, no bytes copy
+    return h.hexdigest()[:32]
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -102,6 +108,8 @@ def _read_checked(path: Path, name: str, digest_key: str) -> tuple[torch.Tensor 
             t = f.get_tensor(name).clone()
     except _READ_ERRORS as exc:
         return None, f"{type(exc).__name__}: {str(exc)[:100]}"
+    if t.dtype != torch.float32:
+        return None, f"stored as {t.dtype}, features are float32"
     return (t, "") if expected == _tensor_digest(t) else (None, "digest mismatch")
 
 

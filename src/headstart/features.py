@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import FeatureCache, atomic_write, entry_bytes
+from .cache import ENTRY_FORMAT, FeatureCache, atomic_write, entry_bytes
 from .data.pipeline import decoded_batches, default_decode_threads
 from .data.transforms import RESAMPLING, EvalTransform, decode_size
 from .errors import ConfigError, ImageReadError
@@ -48,8 +48,8 @@ def file_digest(path: str | Path) -> str:
 
 def cache_key(backbone, view: dict | None = None) -> dict:
     """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
-    return {"backbone": backbone.name, "weights": backbone.weights_digest,
-            "data_config": backbone.data_config.to_dict(), "resampling": RESAMPLING, "view": view or "eval"}
+    return {"backbone": backbone.name, "weights": backbone.weights_digest, "data_config": backbone.data_config.to_dict(),
+            "resampling": RESAMPLING, "view": view or "eval", "entries": ENTRY_FORMAT}
 
 
 POOLS = (None, "avg")
