@@ -9,9 +9,9 @@ from conftest import make_image
 from headstart.backbones.base import create_backbone
 from headstart.data.pipeline import decoded_batches
 from headstart.data.transforms import EvalTransform
-from headstart.engines import make_runner
+from headstart.engines import OnnxRunner, make_runner
 from headstart.errors import ConfigError
-from headstart.features import FeatureCache, extract_features
+from headstart.features import FeatureCache, default_threads, extract_features
 
 
 @pytest.mark.parametrize("name,size", [("vgg16", 32), ("efficientnet_lite0", 64)])
@@ -22,7 +22,9 @@ def test_torch_and_onnx_engines_agree(name, size):
         reference = bb.body(x)
     onnx, torch_runner = make_runner(bb, "onnx"), make_runner(bb, "torch")
     assert (onnx.engine, torch_runner.engine) == ("onnx", "torch")
-    for out in (onnx(x), torch_runner(x)):
+    one_run = OnnxRunner(onnx.path, threads=2, lanes=1)  # one run at a time on both threads, not split in lanes
+    assert (onnx.lanes, one_run.lanes) == (default_threads(), 1)
+    for out in (onnx(x), one_run(x), torch_runner(x)):
         assert out.shape == reference.shape
         scale = reference.abs().max().item()
         assert (out - reference).abs().max().item() <= 1e-4 * scale + 1e-6

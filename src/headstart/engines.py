@@ -27,7 +27,7 @@ from .features import FeatureCache, atomic_write, default_threads
 from .hardware import tune_malloc
 
 __all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "make_runner", "run_batches",
-           "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
+           "run_in_parts", "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
 
 log = logging.getLogger("headstart")
 
@@ -114,11 +114,18 @@ class OnnxRunner:
         return self._pool.submit(self.run, x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [p for p in torch.tensor_split(x, self.lanes) if len(p)]
-        if len(parts) <= 1:
-            return self.run(x)
-        # joined in numpy: torch.cat would wake torch's OpenMP team (see data.pipeline._stack)
-        return torch.from_numpy(np.concatenate([f.result().numpy() for f in map(self.submit, parts)]))
+        arr = x.detach().contiguous().numpy()
+        return torch.from_numpy(run_in_parts(self.session, self.input_name, arr, self._pool, self.lanes)[0])
+
+
+def run_in_parts(session, input_name: str, arr: np.ndarray, pool: ThreadPoolExecutor, parts: int) -> list[np.ndarray]:
+    """Every output of an ONNX Runtime ``session`` on the batch ``arr``, run as up to ``parts`` concurrent runs on
+    ``pool``, one per part of the batch, and joined (in numpy: torch.cat would wake torch's OpenMP team)."""
+    chunks = [c for c in np.array_split(arr, parts) if len(c)]
+    if len(chunks) <= 1:
+        return session.run(None, {input_name: arr})
+    outs = list(pool.map(lambda c: session.run(None, {input_name: c}), chunks))
+    return [np.concatenate(o) for o in zip(*outs)]
 
 
 def run_batches(runner, batches: Iterable[tuple[list[int], torch.Tensor]]) -> Iterator[tuple[list[int], torch.Tensor]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .backbones.registry import DataConfig
-from .engines import EngineError, export_onnx, onnx_session
+from .engines import EngineError, export_onnx, onnx_session, run_in_parts
 from .errors import ConfigError, RunFormatError
 from .features import default_threads
 
@@ -113,11 +113,8 @@ class OnnxModel:
 
     def _run(self, images) -> list[np.ndarray]:
         arr = images.detach().contiguous().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        parts = [p for p in np.array_split(arr.astype(np.float32, copy=False), self.lanes) if len(p)]
-        if len(parts) <= 1:
-            return self.session.run(None, {self.input_name: arr.astype(np.float32, copy=False)})
-        outs = list(self._pool.map(lambda p: self.session.run(None, {self.input_name: p}), parts))
-        return [np.concatenate(o) for o in zip(*outs)]
+        arr = arr.astype(np.float32, copy=False)
+        return run_in_parts(self.session, self.input_name, arr, self._pool, self.lanes)
 
     def logits(self, images) -> np.ndarray:
         return self._run(images)[0]
