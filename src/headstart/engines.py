@@ -27,7 +27,7 @@ from .features import FeatureCache, atomic_write, default_threads
 from .hardware import tune_malloc
 
 __all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "make_runner", "run_batches",
-           "run_in_parts", "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
+           "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
 
 log = logging.getLogger("headstart")
 
@@ -113,19 +113,17 @@ class OnnxRunner:
         """One run on a lane thread; its future gives the features."""
         return self._pool.submit(self.run, x)
 
+    def outputs(self, arr: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph on the batch ``arr``, its parts run at once on the lanes and joined (in numpy:
+        torch.cat would wake torch's OpenMP team)."""
+        chunks = [c for c in np.array_split(arr, self.lanes) if len(c)]
+        if len(chunks) <= 1:
+            return self.session.run(None, {self.input_name: arr})
+        outs = list(self._pool.map(lambda c: self.session.run(None, {self.input_name: c}), chunks))
+        return [np.concatenate(o) for o in zip(*outs)]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().contiguous().numpy()
-        return torch.from_numpy(run_in_parts(self.session, self.input_name, arr, self._pool, self.lanes)[0])
-
-
-def run_in_parts(session, input_name: str, arr: np.ndarray, pool: ThreadPoolExecutor, parts: int) -> list[np.ndarray]:
-    """Every output of an ONNX Runtime ``session`` on the batch ``arr``, run as up to ``parts`` concurrent runs on
-    ``pool``, one per part of the batch, and joined (in numpy: torch.cat would wake torch's OpenMP team)."""
-    chunks = [c for c in np.array_split(arr, parts) if len(c)]
-    if len(chunks) <= 1:
-        return session.run(None, {input_name: arr})
-    outs = list(pool.map(lambda c: session.run(None, {input_name: c}), chunks))
-    return [np.concatenate(o) for o in zip(*outs)]
+        return torch.from_numpy(self.outputs(x.detach().contiguous().numpy())[0])
 
 
 def run_batches(runner, batches: Iterable[tuple[list[int], torch.Tensor]]) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -148,18 +146,21 @@ def run_batches(runner, batches: Iterable[tuple[list[int], torch.Tensor]]) -> It
             k = min(lanes, len(idx))
             for part, xs in zip(np.array_split(np.asarray(idx), k), torch.tensor_split(x, k)):
                 while len(pending) > lanes:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        yield pending.pop(f), f.result()
+                    yield from _finished(pending)
                 pending[runner.submit(xs)] = part.tolist()
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield pending.pop(f), f.result()
+            yield from _finished(pending)
     finally:  # an error or an early stop: nothing is left running on the lanes
         for f in pending:
             f.cancel()
         wait(pending)
+
+
+def _finished(pending: dict[Future, list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Wait for at least one of ``pending`` and hand on (and forget) every finished one."""
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for f in done:
+        yield pending.pop(f), f.result()
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

@@ -12,7 +12,6 @@ images the way the weights expect without headstart.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,8 @@ import torch
 from torch import nn
 
 from .backbones.registry import DataConfig
-from .engines import EngineError, export_onnx, onnx_session, run_in_parts
+from .engines import EngineError, OnnxRunner, export_onnx
 from .errors import ConfigError, RunFormatError
-from .features import default_threads
 
 __all__ = ["FORMAT", "export_onnx_model", "OnnxModel", "is_onnx_file"]
 
@@ -92,10 +90,8 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise RunFormatError(f"{str(self.path)!r} does not exist; pass a file written by `headstart export`")
-        # one thread per run, a run per core on parts of each batch (as the backbone's OnnxRunner)
-        self.lanes = threads or default_threads()
-        self.session = onnx_session(self.path, 1)
-        self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="headstart-onnx")
+        self.runner = OnnxRunner(self.path, threads)  # in lanes, as the backbone's engine
+        self.session = self.runner.session
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
             raise RunFormatError(f"{str(self.path)!r} is an ONNX file but not a headstart export (no "
@@ -108,13 +104,11 @@ class OnnxModel:
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise RunFormatError(f"the metadata in {str(self.path)!r} is damaged ({exc}); export the run again") from exc
         self.headstart_version = meta.get("headstart_version")
-        self.input_name = self.session.get_inputs()[0].name
         self.engine = "onnx"
 
     def _run(self, images) -> list[np.ndarray]:
         arr = images.detach().contiguous().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        arr = arr.astype(np.float32, copy=False)
-        return run_in_parts(self.session, self.input_name, arr, self._pool, self.lanes)
+        return self.runner.outputs(arr.astype(np.float32, copy=False))
 
     def logits(self, images) -> np.ndarray:
         return self._run(images)[0]
