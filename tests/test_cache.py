@@ -252,9 +252,13 @@ def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_fold
     assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
 
 
-def test_an_averaging_head_holds_one_vector_per_image_and_shares_the_cached_maps(tmp_path):
-    """``pool="avg"``: (N, C) features in memory, the same numbers as averaging the maps, and the cache keeps
-    whole maps, so runs with either head serve each other from it."""
+def _cache_bytes(cache: FeatureCache) -> int:
+    return sum(p.stat().st_size for p in cache.root.rglob("*.safetensors"))
+
+
+def test_an_averaging_head_keeps_and_caches_one_vector_per_image(tmp_path):
+    """``pool="avg"``: (N, C) features in memory and in the cache (a quarter of the maps' bytes here, 1/49 for
+    efficientnet_lite0), the same numbers as averaging the maps; a run that needs maps computes them once."""
     from headstart.backbones import create_backbone
 
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
@@ -263,9 +267,23 @@ def test_an_averaging_head_holds_one_vector_per_image_and_shares_the_cached_maps
     cache = FeatureCache(tmp_path / "cache")
     pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
     assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 512)
-    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
-    assert maps.computed == 0 and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
-    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
+    assert _cache_bytes(cache) < len(paths) * 4 * 512 * 2  # maps would be 512 x 2 x 2 floats each
     again = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
     assert again.computed == 0
     torch.testing.assert_close(again.features, pooled.features)
+    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
+    assert maps.computed == len(paths) and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
+    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
+
+
+def test_an_averaging_head_is_served_from_maps_an_earlier_run_cached(tmp_path):
+    from headstart.backbones import create_backbone
+
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
+    paths = sorted(data.rglob("*.png"))
+    bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
+    cache = FeatureCache(tmp_path / "cache")
+    maps = extract_features(bb, paths, cache, engine="torch", progress=False)
+    pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
+    assert maps.computed == len(paths) and pooled.computed == 0
+    torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))

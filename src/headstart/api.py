@@ -22,7 +22,7 @@ from .engines import LazyRunner
 from .errors import ConfigError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
-from .features import FeatureCache, cache_key, default_threads
+from .features import FeatureCache, cache_key, default_threads, features_shape
 from .heads import Head, HeadConfig
 from .model import ImageModel
 from .predict import Predictor
@@ -111,13 +111,14 @@ class ImageClassifier:
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
                  self.recipe.strategy)
+        head = Head(head_config, backbone.feature_shape, len(classes))
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
             views = 1 + (self.recipe.views if self.recipe.strategy != "frozen" else 0)
             n_images = sum(len(d) * (views if d is splits.train else 1)
                            for d in (splits.train, splits.val, splits.test) if d is not None)
-            cache.check_room(n_images, backbone.feature_shape, cache_key(backbone))
-        head = Head(head_config, backbone.feature_shape, len(classes))
+            pool = head.feature_pool if self.recipe.strategy != "finetune" else None  # fine-tuning caches maps
+            cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
         result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
                               progress=self.progress, engine=self.engine)

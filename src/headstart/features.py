@@ -46,10 +46,14 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:32]
 
 
-def cache_key(backbone, view: dict | None = None) -> dict:
-    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view."""
-    return {"backbone": backbone.name, "weights": backbone.weights_digest, "data_config": backbone.data_config.to_dict(),
-            "resampling": RESAMPLING, "view": view or "eval", "entries": ENTRY_FORMAT}
+def cache_key(backbone, view: dict | None = None, pool: str | None = None) -> dict:
+    """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view, and
+    whether the entries are whole maps or their averages (``pool="avg"``)."""
+    key = {"backbone": backbone.name, "weights": backbone.weights_digest, "data_config": backbone.data_config.to_dict(),
+           "resampling": RESAMPLING, "view": view or "eval", "entries": ENTRY_FORMAT}
+    if pool is not None:
+        key["pool"] = pool
+    return key
 
 
 POOLS = (None, "avg")
@@ -107,8 +111,9 @@ def extract_features(
     some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
     cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
     ``pool="avg"`` returns each feature map's average over positions, ``(C,)``: all that an averaging head
-    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache keeps whole maps either
-    way, so a later run with another head still finds every image there.
+    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache then stores those averages
+    too, not the maps (1/49 of the disk and of the write time); averages are also served from maps an earlier
+    run stored, while a later run that needs maps computes them once.
 
     Raises:
         ConfigError: an unknown ``engine`` or ``pool``. EngineError: ``engine="onnx"`` cannot run this backbone.
@@ -117,14 +122,18 @@ def extract_features(
         raise ConfigError(f"pool {pool!r} is not one of {POOLS}")
     threads = threads or default_threads()
     transform = transform or EvalTransform(backbone.data_config)
-    key = cache_key(backbone, transform.spec() if hasattr(transform, "spec") else None)
+    view = transform.spec() if hasattr(transform, "spec") else None
+    key = cache_key(backbone, view, pool)
     shape = features_shape(backbone, pool)
-    ns = FeatureCache.namespace(key)
+    ns = FeatureCache.namespace(key)  # where this run's features are stored
+    # averages are also served from the maps of an earlier run with a flattening head
+    maps_ns = FeatureCache.namespace(cache_key(backbone, view)) if pool is not None else None
     recomputed: list[tuple[str | None, str, str]] = []
     if cache is not None:
         cache.describe(ns, key)
         n_corrupt = len(cache.corrupt)
-        cache.index(ns, refresh=True)  # other processes may have stored shards since this cache last looked
+        for s in (ns, maps_ns) if maps_ns else (ns,):
+            cache.index(s, refresh=True)  # other processes may have stored shards since this cache last looked
         # a shard whose header is unreadable names no image: reported with the images it held unknown
         recomputed += [(None, e, cache.damage.get(e, "damaged")) for e in cache.corrupt[n_corrupt:]]
     n = len(paths)
@@ -141,9 +150,9 @@ def extract_features(
                 digests[i] = None
                 continue
             n_corrupt = len(cache.corrupt) if cache is not None else 0
-            hit = cache.get(ns, d) if cache is not None else None
-            if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
-                out[i] = torch.from_numpy(_average(hit.numpy())) if pool == "avg" else hit
+            hit = _cached(cache, ns, maps_ns, d, backbone, pool) if cache is not None else None
+            if hit is not None:
+                out[i] = hit
                 have[i] = True
             else:
                 todo.append(i)
@@ -166,6 +175,17 @@ def extract_features(
         out = out[:len(ok)]
     return Extraction(out, ok, err_list, dict(sorted(errors.items())), digests,
                       computed, len(ok) - computed, recomputed)
+
+
+def _cached(cache: FeatureCache, ns: str, maps_ns: str | None, digest: str, backbone, pool) -> torch.Tensor | None:
+    """The features stored in ``ns``, or averaged from the maps in ``maps_ns``; None when neither has them whole."""
+    hit = cache.get(ns, digest)
+    if hit is not None and tuple(hit.shape) == features_shape(backbone, pool):
+        return hit
+    hit = cache.get(maps_ns, digest) if maps_ns else None
+    if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
+        return torch.from_numpy(_average(hit.numpy()))
+    return None
 
 
 def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
@@ -202,10 +222,11 @@ def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cac
     try:
         for idx, feats in run_batches(runner, batches()):
             # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-            out_np[idx] = _average(feats.numpy()) if pool == "avg" else feats.numpy()
+            kept = _average(feats.numpy()) if pool == "avg" else feats.numpy()
+            out_np[idx] = kept
             have[idx] = True
-            if writer is not None:  # whole maps, whatever the head: another head's run reuses them
-                writer.put([digests[i] for i in idx], feats.numpy())
+            if writer is not None:  # what this run keeps, as it keeps it: the cache key says which
+                writer.put([digests[i] for i in idx], kept)
             computed += len(idx)
             bar.update(len(idx))
     finally:
