@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_image
 from headstart.backbones.base import create_backbone
+from headstart.data.images import load_image
 from headstart.data.pipeline import decoded_batches
 from headstart.data.transforms import EvalTransform
 from headstart.engines import OnnxRunner, make_runner
@@ -85,6 +86,30 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahea
     assert idx == [i for i in range(40) if i != 7]
     assert [e for b in [first] + rest for e in b[2]][0][0] == 7
     assert all(b[1].shape[0] == len(b[0]) for b in [first] + rest)
+
+
+def test_the_backbone_starts_after_a_few_images_while_later_files_are_still_hashed(tmp_path, monkeypatch):
+    import headstart.features as features
+
+    paths = [make_image(tmp_path / f"{i}.png", (2 * i, 0, 0)) for i in range(120)]
+    paths[50].write_bytes(b"broken")
+    bb = create_backbone("vgg16", weights=None, input_size=32).eval()
+    hashed, calls = [], []
+    digest = features._safe_digest
+    monkeypatch.setattr(features, "_safe_digest", lambda p: hashed.append(p) or digest(p))
+
+    def runner(x):
+        calls.append((len(x), len(hashed)))
+        with torch.inference_mode():
+            return bb.body(x)
+
+    ex = extract_features(bb, paths, None, runner=runner, batch_size=8)
+    assert calls[0] == (2, calls[0][1])  # a quarter batch first: the backbone waits for 2 images, not 8
+    assert calls[0][1] < 60  # files are hashed as extraction goes, not all before it
+    assert sum(n for n, _ in calls) == ex.computed == 119 and ex.ok == [i for i in range(120) if i != 50]
+    with torch.inference_mode():  # each row is its own image's features, past the broken file too
+        own = bb.body(EvalTransform(bb.data_config)(load_image(paths[61]))[None])[0]
+    torch.testing.assert_close(ex.features[60], own)
 
 
 def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp_path, capsys):
