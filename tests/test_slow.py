@@ -39,9 +39,13 @@ def test_default_recipe_on_hymenoptera(tmp_path, capsys):
     assert main(["evaluate", str(run), str(HYMENOPTERA / "val"), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accuracy"] >= 0.93 and report["backbone_passes"] == 0
-    # another head on the same images: every feature from the cache
-    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / "run2"), "--head", "flatten"]) == 0
+    # another averaging head on the same images: every feature from the cache, which holds averages only
+    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / "run2"), "--hidden", "64"]) == 0
     assert "backbone passes: train 0, val 0" in capsys.readouterr().out
+    # a flattening head needs the maps: computed once, then served to every head
+    for k, passes in enumerate(["train 245, val 153", "train 0, val 0"]):
+        assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / f"flat{k}"), "--head", "flatten"]) == 0
+        assert f"backbone passes: {passes}" in capsys.readouterr().out
 
 
 @needs_shared(HYMENOPTERA, VGG16_NOTOP)
