@@ -117,7 +117,7 @@ class ImageClassifier:
             views = 1 + (self.recipe.views if self.recipe.strategy != "frozen" else 0)
             n_images = sum(len(d) * (views if d is splits.train else 1)
                            for d in (splits.train, splits.val, splits.test) if d is not None)
-            pool = head.feature_pool if self.recipe.strategy != "finetune" else None  # fine-tuning caches maps
+            pool = self.recipe.feature_pool(head)
             cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
         result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,

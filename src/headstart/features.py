@@ -14,18 +14,17 @@ import hashlib
 import itertools
 import logging
 import os
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .cache import ENTRY_FORMAT, FeatureCache, atomic_write, entry_bytes
-from .data.pipeline import decoded_batches, default_decode_threads
+from .data.pipeline import decoded_batches, default_decode_threads, map_ahead
 from .data.transforms import RESAMPLING, EvalTransform, decode_size
 from .errors import ConfigError, ImageReadError
 
@@ -150,14 +149,14 @@ def extract_features(
         # content digests key the cache, seed augmented views, and find the same image twice: always taken,
         # and taken as extraction goes, so the backbone starts on the first image missing from the cache while
         # later ones are still hashed (hashing every file first held it back ~50 ms per 400 photos)
-        for i, d in enumerate(_ahead(hashing, _safe_digest, paths, 2 * batch_size)):
+        for i, d in map_ahead(hashing, lambda i: _safe_digest(paths[i]), range(n), 2 * batch_size):
             if isinstance(d, ImageReadError):
                 errors[i] = d.reason
                 bar.update(1)
                 continue
             digests[i] = d
             n_corrupt = len(cache.corrupt) if cache is not None else 0
-            hit = _cached(cache, ns, maps_ns, d, backbone, pool) if cache is not None else None
+            hit = _cached(cache, ns, maps_ns, d, backbone, shape) if cache is not None else None
             if hit is not None:
                 out[i] = hit
                 have[i] = True
@@ -194,22 +193,11 @@ def extract_features(
                       computed, len(ok) - computed, recomputed)
 
 
-def _ahead(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator:
-    """``pool.map(fn, items)`` with at most ``window`` calls submitted beyond the result being handed on (a map
-    over every file at once took the cores from the first images' decoding)."""
-    futures: deque = deque()
-    for item in items:
-        futures.append(pool.submit(fn, item))
-        if len(futures) > window:
-            yield futures.popleft().result()
-    while futures:
-        yield futures.popleft().result()
-
-
-def _cached(cache: FeatureCache, ns: str, maps_ns: str | None, digest: str, backbone, pool) -> torch.Tensor | None:
-    """The features stored in ``ns``, or averaged from the maps in ``maps_ns``; None when neither has them whole."""
+def _cached(cache: FeatureCache, ns: str, maps_ns: str | None, digest: str, backbone, shape) -> torch.Tensor | None:
+    """The features of ``shape`` stored in ``ns``, or averaged from the maps in ``maps_ns``; None when neither has
+    them whole."""
     hit = cache.get(ns, digest)
-    if hit is not None and tuple(hit.shape) == features_shape(backbone, pool):
+    if hit is not None and tuple(hit.shape) == shape:
         return hit
     hit = cache.get(maps_ns, digest) if maps_ns else None
     if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):

@@ -23,7 +23,7 @@ from ..errors import ImageReadError
 from ..hardware import tune_malloc
 from .images import load_image, load_pixels
 
-__all__ = ["decoded_batches", "default_decode_threads"]
+__all__ = ["decoded_batches", "default_decode_threads", "map_ahead"]
 
 
 def default_decode_threads(cores: int) -> int:
@@ -102,29 +102,34 @@ def _in_turns(paths, todo, transform, batch_size, min_size, threads, keys):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def map_ahead(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator[tuple]:
+    """``(item, fn(item))`` in the order of ``items``, computed on ``pool`` with at most ``window`` calls
+    submitted beyond the one being handed on: work and memory stay bounded however many items there are, and a
+    consumer that starts on the first results does not wait for a map over them all."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) > window:
+            item, fut = pending.popleft()
+            yield item, fut.result()
+    while pending:
+        item, fut = pending.popleft()
+        yield item, fut.result()
+
+
 def _read_ahead(paths, indices, transform, batch_size, min_size, threads, prefetch, keys):
     prefetch = max(1, prefetch or 2 * batch_size)
-    todo = iter(indices)
-    pending: deque = deque()
     pool = _decoders(threads)
 
-    def fill():
-        while len(pending) < prefetch:
-            i = next(todo, None)
-            if i is None:
-                return
-            pending.append((i, pool.submit(_prepare, paths[i], transform, min_size, keys[i] if keys else None)))
+    def prepare(i):
+        return _prepare(paths[i], transform, min_size, keys[i] if keys else None)
 
     # the first batch is a quarter of the size: the backbone starts once a few images are ready, not a whole
     # batch (32 photos took 50-60 ms to decode on 2 cores, while the backbone waited)
     size = max(1, batch_size // 4)
     try:
-        fill()
         idx, items, errors = [], [], []
-        while pending:
-            i, fut = pending.popleft()
-            fill()
-            item = fut.result()
+        for i, item in map_ahead(pool, prepare, indices, prefetch):
             if isinstance(item, ImageReadError):
                 errors.append((i, item.reason))
             else:

@@ -54,6 +54,11 @@ class Recipe:
     def augmentation(self) -> str:
         return self.augment or ("none" if self.strategy == "frozen" else "light")
 
+    def feature_pool(self, head: Head) -> str | None:
+        """What extraction keeps (and caches) for ``head``: its pooling (``Head.feature_pool``), or whole maps when
+        fine-tuning, which trains on the boundary's maps."""
+        return None if self.strategy == "finetune" else head.feature_pool
+
     def to_dict(self) -> dict:
         return asdict(self) | {"augment": self.augmentation}
 
@@ -109,7 +114,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
     runner = LazyRunner(source, engine, cache=cache)
-    pool = head.feature_pool if upper is None else None  # fine-tuning trains on the boundary's maps
+    pool = recipe.feature_pool(head)
     views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
     counts = np.bincount(y_tr, minlength=len(splits.train.classes))
