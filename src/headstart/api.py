@@ -23,12 +23,12 @@ from .errors import ConfigError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
 from .features import FeatureCache, cache_key, default_threads, features_shape
-from .heads import Head, HeadConfig
+from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
+from .heads import Head
 from .model import ImageModel
 from .predict import Predictor
 from .runs import load_model, save_model, write_history, write_json
-from .training.head import TrainConfig
-from .training.recipes import Recipe, train_recipe
+from .training.recipes import feature_pool, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -59,24 +59,41 @@ class ImageClassifier:
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
                  val_fraction: float = 0.2, progress: bool | None = None, strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
-                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto"):
-        self.backbone = backbone
-        self.weights = weights
-        self.input_size = input_size
-        self.head = head
-        self.hidden = tuple(hidden)
-        self.dropout = dropout
-        self.train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                        patience=patience, class_weight=class_weight,
-                                        label_smoothing=label_smoothing, seed=seed)
-        self.recipe = Recipe(strategy=strategy, augment=augment, views=views, unfreeze=unfreeze,
-                             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
-        self.tta = tta
-        self.seed = seed
-        self.cache = cache
-        self.val_fraction = val_fraction
-        self.progress = progress
-        self.engine = engine
+                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto",
+                 device: str = "auto"):
+        # scikit-learn's rule: parameters are kept as given; the configs are built from them (and checked) here
+        # and again whenever a parameter is changed by hand before fit
+        self.backbone, self.weights, self.input_size = backbone, weights, input_size
+        self.head, self.hidden, self.dropout = head, tuple(hidden), dropout
+        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        self.patience, self.class_weight, self.label_smoothing, self.seed = patience, class_weight, label_smoothing, seed
+        self.strategy, self.augment, self.views, self.unfreeze = strategy, augment, views, unfreeze
+        self.finetune_epochs, self.finetune_lr = finetune_epochs, finetune_lr
+        self.val_fraction, self.engine, self.device = val_fraction, engine, device
+        self.cache, self.progress, self.tta = cache, progress, tta
+        self._configs()
+
+    def _configs(self) -> dict:
+        """The config dataclasses for the current parameters (``headstart.config``); raises ConfigError."""
+        return {
+            "backbone": BackboneConfig(self.backbone, self.weights, self.input_size),
+            "head": HeadConfig(self.head, tuple(self.hidden), self.dropout),
+            "train": TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                 weight_decay=self.weight_decay, patience=self.patience,
+                                 class_weight=self.class_weight, label_smoothing=self.label_smoothing, seed=self.seed),
+            "recipe": Recipe(strategy=self.strategy, augment=self.augment, views=self.views, unfreeze=self.unfreeze,
+                             finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr),
+            "split": SplitConfig(self.val_fraction),
+            "engine": EngineConfig(self.engine, self.device),
+        }
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self._configs()["train"]
+
+    @property
+    def recipe(self) -> Recipe:
+        return self._configs()["recipe"]
 
     # -- training -----------------------------------------------------------------------------
     def _feature_cache(self) -> FeatureCache | None:
@@ -105,8 +122,7 @@ class ImageClassifier:
         t_start = time.perf_counter()
         splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
         classes = splits.train.classes
-        head_pool = self.head or registry.get(self.backbone).default_head
-        head_config = HeadConfig(pool=head_pool, hidden=self.hidden, dropout=self.dropout)
+        head_config = self._configs()["head"].resolved(registry.get(self.backbone).default_head)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
@@ -117,7 +133,7 @@ class ImageClassifier:
             views = 1 + (self.recipe.views if self.recipe.strategy != "frozen" else 0)
             n_images = sum(len(d) * (views if d is splits.train else 1)
                            for d in (splits.train, splits.val, splits.test) if d is not None)
-            pool = self.recipe.feature_pool(head)
+            pool = feature_pool(self.recipe, head)
             cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
         result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,

@@ -6,42 +6,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from .config import HeadConfig
 from .errors import ConfigError
 
-__all__ = ["HeadConfig", "Head"]
-
-POOLS = ("flatten", "avg")
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """``pool``: ``flatten`` (Keras' Flatten on the C x H x W map) or ``avg`` (global average pooling);
-    ``hidden``: widths of Dense + ReLU layers before the classifier; ``dropout``: rate before each Dense."""
-
-    pool: str = "avg"
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.pool not in POOLS:
-            raise ConfigError(f"head pool {self.pool!r} is not one of {POOLS}; use --head flatten or --head avg")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if any(int(h) < 1 for h in self.hidden):
-            raise ConfigError(f"hidden layer widths must be positive, got {self.hidden}")
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"hidden": list(self.hidden)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeadConfig":
-        return cls(pool=d["pool"], hidden=tuple(d.get("hidden", ())), dropout=float(d.get("dropout", 0.0)))
-
+__all__ = ["HeadConfig", "Head"]  # HeadConfig lives in headstart.config
 
 class Head(nn.Module):
     """Pool or flatten, L2-normalise, standardise with statistics of the training features, then Dense layers.
@@ -54,6 +26,8 @@ class Head(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"a head needs at least 2 classes, got {num_classes}")
+        if config.pool is None:
+            raise ConfigError("the head's pooling is not chosen; use HeadConfig.resolved(backbone's default_head)")
         self.config = config
         self.num_classes = num_classes
         c = feature_shape[0]

@@ -4,9 +4,10 @@
     >>> base = create_backbone("vgg16", weights=None, input_size=150).freeze()
 """
 
-from . import timm_models as _timm_models  # noqa: F401  (registers the EfficientNet-Lite family)
+from . import timm_models as _timm_models  # noqa: F401  (registers the EfficientNet-Lite family and timm:)
+from . import tiny as _tiny  # noqa: F401  (registers test_tiny, hidden)
 from . import vgg as _vgg  # noqa: F401  (registers vgg16, vgg19)
 from .base import Backbone, create_backbone
-from .registry import BackboneEntry, DataConfig, get, names
+from .registry import BackboneEntry, DataConfig, get, names, register, register_provider
 
-__all__ = ["Backbone", "BackboneEntry", "DataConfig", "create_backbone", "get", "names"]
+__all__ = ["Backbone", "BackboneEntry", "DataConfig", "create_backbone", "get", "names", "register", "register_provider"]

@@ -7,65 +7,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError, UnknownBackboneError
+from ..config import DataConfig
+from ..errors import UnknownBackboneError
 
-__all__ = ["DataConfig", "WeightSource", "BackboneEntry", "register", "get", "names", "TIMM_PREFIX"]
-
-TIMM_PREFIX = "timm:"
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-_RESIZE_MODES = ("squash", "crop")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How images must be prepared for a backbone's weights.
-
-    ``resize_mode="squash"`` resizes the whole image to ``input_size`` (Keras' way);
-    ``"crop"`` resizes the shorter side to ``input_size / crop_pct`` and takes the centre (timm's way).
-    ``mean`` and ``std`` apply to pixels scaled to 0..1.
-    """
-
-    input_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    resize_mode: str = "crop"
-    crop_pct: float = 0.875
-
-    def __post_init__(self):
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(f"interpolation {self.interpolation!r} is not one of {_INTERPOLATIONS}")
-        if self.resize_mode not in _RESIZE_MODES:
-            raise ConfigError(f"resize_mode {self.resize_mode!r} is not one of {_RESIZE_MODES}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean and std need three values each, std > 0; got mean={self.mean} std={self.std}")
-
-    def with_input_size(self, size: int | tuple[int, int] | None) -> "DataConfig":
-        if size is None:
-            return self
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        return dataclasses.replace(self, input_size=(int(hw[0]), int(hw[1])))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown data config fields {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("input_size", "mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+__all__ = ["DataConfig", "WeightSource", "BackboneEntry", "register", "register_provider", "get", "names"]
 
 
 @dataclass(frozen=True)
@@ -101,9 +51,11 @@ class BackboneEntry:
     min_input_size: int = 32
     default_head: str = "avg"
     finetune_groups: int = 1  # layer groups unfrozen by the finetune recipe unless told otherwise
+    hidden: bool = False  # left out of `headstart backbones` (the test suite's tiny backbone)
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
+_PROVIDERS: dict[str, Callable[[str], BackboneEntry]] = {}
 
 
 def register(entry: BackboneEntry) -> BackboneEntry:
@@ -113,24 +65,30 @@ def register(entry: BackboneEntry) -> BackboneEntry:
     return entry
 
 
-def names() -> list[str]:
+def register_provider(prefix: str, make_entry: Callable[[str], BackboneEntry]) -> None:
+    """Serve every name ``prefix<rest>`` with ``make_entry(rest)`` (``timm:`` makes an entry for any timm model)."""
+    if prefix in _PROVIDERS:
+        raise ValueError(f"backbone prefix {prefix!r} is registered twice")
+    _PROVIDERS[prefix] = make_entry
+
+
+def names(include_hidden: bool = False) -> list[str]:
     """Registered backbone names, in registration order."""
-    return list(_REGISTRY)
+    return [n for n, e in _REGISTRY.items() if include_hidden or not e.hidden]
 
 
 def get(name: str) -> BackboneEntry:
-    """The entry for ``name``; ``timm:<model>`` makes one on the fly for any timm model.
+    """The entry for ``name``; a registered prefix (``timm:<model>``) makes one on the fly.
 
     Raises:
-        UnknownBackboneError: ``name`` is neither registered nor a known timm model.
+        UnknownBackboneError: ``name`` is neither registered nor served by a provider.
     """
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name.startswith(TIMM_PREFIX):
-        from .timm_models import timm_entry
-
-        return timm_entry(name[len(TIMM_PREFIX):])
+    for prefix, make_entry in _PROVIDERS.items():
+        if name.startswith(prefix):
+            return make_entry(name[len(prefix):])
+    prefixes = "".join(f", or any model as '{p}<name>'" for p in _PROVIDERS)
     raise UnknownBackboneError(
-        f"Unknown backbone {name!r}. Known: {', '.join(names())}, or any timm model as 'timm:<name>'. "
-        "Run `headstart backbones` to see them."
+        f"Unknown backbone {name!r}. Known: {', '.join(names())}{prefixes}. Run `headstart backbones` to see them."
     )

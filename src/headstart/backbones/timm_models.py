@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UnknownBackboneError
-from .registry import BackboneEntry, DataConfig, register
+from .registry import BackboneEntry, DataConfig, register, register_provider
 from .weights import package_source, timm_hub_source
 
 __all__ = ["TimmBody", "timm_entry", "data_config_from_timm"]
@@ -122,3 +122,6 @@ def timm_entry(timm_name: str) -> BackboneEntry:
         min_input_size=32,
         default_head="avg",
     )
+
+
+register_provider("timm:", timm_entry)

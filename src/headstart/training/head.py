@@ -5,35 +5,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..config import TrainConfig
 from ..heads import Head
-from .loop import LoopConfig, run_loop
+from .loop import run_loop
 
 __all__ = ["TrainConfig", "fit_head", "class_weights"]
-
-
-@dataclass(frozen=True)
-class TrainConfig(LoopConfig):
-    """Loop settings plus ``class_weight="balanced"`` (loss weighted by inverse class frequency)."""
-
-    class_weight: str | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.class_weight not in (None, "balanced"):
-            raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def loop(self, **changes) -> LoopConfig:
-        fields = {k: v for k, v in asdict(self).items() if k != "class_weight"} | changes
-        return LoopConfig(**fields)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -71,4 +50,4 @@ def fit_head(head: Head, x_train, y_train, x_val: torch.Tensor | None = None, y_
     _reset(head.layers, config.seed)
     weight = class_weights(y_train.numpy(), head.num_classes) if config.class_weight else None
     return run_loop(head.layers, [{"params": list(head.layers.parameters())}], inputs, y_train, xv, yv,
-                    config.loop(), class_weight=weight, progress=progress, desc="train head")
+                    config, class_weight=weight, progress=progress, desc="train head")

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,30 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, RunFormatError
+from ..config import TrainConfig
+from ..errors import RunFormatError
 from ..hardware import tune_malloc
 
-__all__ = ["LoopConfig", "run_loop"]
+__all__ = ["run_loop"]
 
 log = logging.getLogger("headstart")
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    epochs: int = 60
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 5.0
-    patience: int = 10
-    warmup_epochs: float = 0.0
-    cosine: bool = False
-    clip_grad: float | None = None
-    label_smoothing: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError(f"epochs and batch size must be >= 1 and lr > 0; got {self}")
 
 
 def _lr_factor(step: int, total: int, warmup: int, cosine: bool) -> float:
@@ -67,7 +49,7 @@ def _set_train(module: nn.Module) -> None:
 
 
 def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torch.Tensor], y_train: torch.Tensor,
-             x_val: torch.Tensor | None, y_val: torch.Tensor | None, config: LoopConfig, *,
+             x_val: torch.Tensor | None, y_val: torch.Tensor | None, config: TrainConfig, *,
              class_weight: torch.Tensor | None = None, checkpoint: Path | None = None, resume: bool = False,
              on_epoch: Callable[[dict], None] | None = None, progress: bool | None = None,
              desc: str = "train", baseline: float = float("inf")) -> list[dict]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,52 +16,24 @@ from torch import nn
 
 from ..backbones.weights import state_digest
 from ..data.augment import AugmentedView, preset
-from ..errors import ConfigError, DatasetError
+from ..config import STRATEGIES, Recipe, TrainConfig
+from ..errors import DatasetError
 from ..engines import LazyRunner
 from ..features import extract_features
 from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
-from .head import TrainConfig, class_weights, fit_head
+from .head import class_weights, fit_head
 from .loop import run_loop
 
-__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe"]
+__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool"]
 
 log = logging.getLogger("headstart")
-STRATEGIES = ("frozen", "frozen-aug", "finetune")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """``augment``: ``none``/``light``/``strong`` (default: none for frozen, light otherwise); ``views``: augmented
-    views cached per training image; ``unfreeze``: layer groups fine-tuned (default: the backbone's own);
-    ``finetune_lr`` for the last group, ``lr_decay`` per earlier group; the head gets ten times ``finetune_lr``."""
-
-    strategy: str = "frozen"
-    augment: str | None = None
-    views: int = 5
-    unfreeze: int | None = None
-    finetune_epochs: int = 15
-    finetune_lr: float = 1e-4
-    lr_decay: float = 0.5
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
-        if self.views < 1:
-            raise ConfigError(f"views must be >= 1, got {self.views}")
-        preset(self.augmentation)
-
-    @property
-    def augmentation(self) -> str:
-        return self.augment or ("none" if self.strategy == "frozen" else "light")
-
-    def feature_pool(self, head: Head) -> str | None:
-        """What extraction keeps (and caches) for ``head``: its pooling (``Head.feature_pool``), or whole maps when
-        fine-tuning, which trains on the boundary's maps."""
-        return None if self.strategy == "finetune" else head.feature_pool
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"augment": self.augmentation}
+def feature_pool(recipe: Recipe, head: Head) -> str | None:
+    """What extraction keeps (and caches) for ``head``: its pooling (``Head.feature_pool``), or whole maps when
+    fine-tuning, which trains on the boundary's maps."""
+    return None if recipe.strategy == "finetune" else head.feature_pool
 
 
 @dataclass
@@ -114,7 +87,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
     runner = LazyRunner(source, engine, cache=cache)
-    pool = recipe.feature_pool(head)
+    pool = feature_pool(recipe, head)
     views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
     counts = np.bincount(y_tr, minlength=len(splits.train.classes))
@@ -141,10 +114,12 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         row["stage"] = "head"
     if upper is not None:
         model = nn.Sequential(upper, head)
-        groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * 10, recipe.lr_decay,
-                                       weight_decay=0.01, head_weight_decay=config.weight_decay)
-        loop = config.loop(epochs=recipe.finetune_epochs, patience=max(3, recipe.finetune_epochs // 3),
-                           warmup_epochs=1.0, cosine=True, clip_grad=config.clip_grad or 1.0)
+        groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * recipe.head_lr_factor,
+                                       recipe.lr_decay, weight_decay=recipe.finetune_weight_decay,
+                                       head_weight_decay=config.weight_decay)
+        loop = dataclasses.replace(config, epochs=recipe.finetune_epochs, patience=recipe.finetune_patience(),
+                                   warmup_epochs=recipe.finetune_warmup_epochs, cosine=True,
+                                   clip_grad=config.clip_grad or recipe.finetune_clip_grad)
         weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
         ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
         yv = torch.as_tensor(y_va) if val is not None else None

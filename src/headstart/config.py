@@ -1,0 +1,249 @@
+"""The settings, one dataclass per concern: the only home of every default and every choice.
+
+    >>> TrainConfig().epochs
+    60
+    >>> Recipe(strategy="finetune").augmentation
+    'light'
+
+The CLI builds its flags from these fields (``headstart.cli``) and ``ImageClassifier`` takes the same names
+with the same defaults; a test holds the three together. This module imports nothing heavy (no torch), so
+``headstart --help`` starts at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
+           "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "option", "cli_fields"]
+
+STRATEGIES = ("frozen", "frozen-aug", "finetune")
+HEAD_POOLS = ("flatten", "avg")
+AUGMENTS = ("none", "light", "strong")
+ENGINES = ("auto", "torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+RESIZE_MODES = ("squash", "crop")
+
+
+def option(default, help: str, *, flag: str | None = None, dest: str | None = None, choices=None,
+           cli: bool = True, **argparse_kwargs):
+    """A dataclass field that also describes its command-line flag.
+
+    ``flag`` defaults to ``--field-name``; ``dest`` is the name the CLI and ``ImageClassifier`` use when it
+    differs from the field's; ``cli=False`` keeps a knob out of the CLI (still a named, documented default).
+    """
+    meta = {"help": help, "flag": flag, "dest": dest, "choices": choices, "cli": cli, "argparse": argparse_kwargs}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata=meta)
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a config class that have a command-line flag."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+
+
+def _finite(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images must be prepared for a backbone's weights.
+
+    ``resize_mode="squash"`` resizes the whole image to ``input_size`` (Keras' way);
+    ``"crop"`` resizes the shorter side to ``input_size / crop_pct`` and takes the centre (timm's way).
+    ``mean`` and ``std`` apply to pixels scaled to 0..1.
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    resize_mode: str = "crop"
+    crop_pct: float = 0.875
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean and std need three values each, std > 0; got mean={self.mean} std={self.std}")
+
+    def with_input_size(self, size: int | tuple[int, int] | None) -> "DataConfig":
+        if size is None:
+            return self
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return dataclasses.replace(self, input_size=(int(hw[0]), int(hw[1])))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown data config fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("input_size", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which backbone, with which weights, at which input size."""
+
+    backbone: str = option("efficientnet_lite0", "registry name (`headstart backbones`) or timm:<model>")
+    weights: str | None = option("imagenet", "weights file (safetensors or a PyTorch state dict); default: ImageNet "
+                                 "from a package or the hub", metavar="FILE")
+    input_size: int | None = option(None, "image side in pixels (default: the weights' own)", type=int)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """``pool``: ``flatten`` (Keras' Flatten on the C x H x W map) or ``avg`` (global average pooling); ``None``
+    takes the backbone's default. ``hidden``: widths of Dense + ReLU layers before the classifier; ``dropout``:
+    rate before each Dense."""
+
+    pool: str | None = option(None, "flatten the feature map (the Keras recipe) or average-pool it (default: the "
+                              "backbone's: VGG flatten, others avg)", flag="--head", dest="head", choices=HEAD_POOLS)
+    hidden: tuple[int, ...] = option((), "widths of hidden Dense layers (default: none)", nargs="*", type=int,
+                                     metavar="WIDTH")
+    dropout: float = option(0.0, "dropout rate before each Dense layer", type=float)
+
+    def __post_init__(self):
+        if self.pool is not None and self.pool not in HEAD_POOLS:
+            raise ConfigError(f"head pool {self.pool!r} is not one of {HEAD_POOLS}; use --head flatten or --head avg")
+        _finite("dropout", self.dropout, 0.0)
+        if not self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if any(int(h) < 1 for h in self.hidden):
+            raise ConfigError(f"hidden layer widths must be positive, got {self.hidden}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def resolved(self, default_pool: str) -> "HeadConfig":
+        """This config with the backbone's default pooling filled in."""
+        return self if self.pool is not None else dataclasses.replace(self, pool=default_pool)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        return cls(pool=d["pool"], hidden=tuple(d.get("hidden", ())), dropout=float(d.get("dropout", 0.0)))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The epoch loop: AdamW, early stopping on validation loss, the best epoch's weights kept.
+
+    ``weight_decay`` is AdamW's decoupled decay; the head standardises its inputs, so a strong decay (5.0 by
+    default) acts as the regularisation a small data set needs. ``class_weight="balanced"`` weights the loss
+    by inverse class frequency.
+    """
+
+    epochs: int = option(60, "most epochs of head training", type=int)
+    batch_size: int = option(32, "images per training step", type=int)
+    lr: float = option(1e-3, "learning rate of the head", type=float)
+    weight_decay: float = option(5.0, "AdamW decoupled weight decay of the head (strong: the head's inputs are "
+                                 "standardised, so this is its regularisation)", type=float)
+    patience: int = option(10, "early stopping: epochs without a better validation loss", type=int)
+    class_weight: str | None = option(None, "class-weighted loss for imbalanced data", flag="--balanced",
+                                      action="store_const", const="balanced")
+    label_smoothing: float = option(0.0, "label smoothing of the loss", type=float)
+    seed: int = option(0, "seed for the split, the views and the training", type=int)
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up", cli=False)
+    cosine: bool = option(False, "cosine learning-rate decay after the warm-up", cli=False)
+    clip_grad: float | None = option(None, "gradient norm clipping", cli=False)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"epochs and batch size must be >= 1 and lr > 0; got {self}")
+        if self.class_weight not in (None, "balanced"):
+            raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the backbone takes part: ``frozen`` (cached features, head only), ``frozen-aug`` (cached augmented
+    views, head only) or ``finetune`` (head first, then the last layer groups).
+
+    ``augment``: ``none``/``light``/``strong`` (default: none for frozen, light otherwise); ``views``: augmented
+    views cached per training image; ``unfreeze``: layer groups fine-tuned (default: the backbone's own);
+    ``finetune_lr`` for the last group, ``lr_decay`` per earlier group; the head gets ``head_lr_factor`` times
+    ``finetune_lr``.
+    """
+
+    strategy: str = option("frozen", "frozen: head on cached features; frozen-aug: head on cached augmented views; "
+                           "finetune: then the last layer groups too", choices=STRATEGIES)
+    augment: str | None = option(None, "augmentation preset (default: none for frozen, light otherwise)",
+                                 choices=AUGMENTS)
+    views: int = option(5, "augmented views cached per training image", type=int)
+    unfreeze: int | None = option(None, "layer groups to fine-tune (default: the backbone's; VGG: block5)", type=int)
+    finetune_epochs: int = option(15, "most epochs of fine-tuning", type=int)
+    finetune_lr: float = option(1e-4, "learning rate of the last layer group; earlier ones get less", type=float)
+    lr_decay: float = option(0.5, "learning-rate factor per earlier layer group", cli=False)
+    head_lr_factor: float = option(10.0, "the head's learning rate while fine-tuning, as a multiple of finetune_lr",
+                                   cli=False)
+    finetune_weight_decay: float = option(0.01, "AdamW weight decay of the fine-tuned layers", cli=False)
+    finetune_warmup_epochs: float = option(1.0, "warm-up epochs of fine-tuning", cli=False)
+    finetune_clip_grad: float = option(1.0, "gradient norm clipping while fine-tuning", cli=False)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.views < 1:
+            raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.augmentation not in AUGMENTS:
+            raise ConfigError(f"augmentation {self.augmentation!r} is not one of {sorted(AUGMENTS)}")
+
+    @property
+    def augmentation(self) -> str:
+        return self.augment or ("none" if self.strategy == "frozen" else "light")
+
+    def finetune_patience(self) -> int:
+        return max(3, self.finetune_epochs // 3)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"augment": self.augmentation}
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How validation data is found when none is given."""
+
+    val_fraction: float = option(0.2, "share of each class held out for validation when there is no val set",
+                                 type=float)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the work runs: the inference engine of the frozen backbone, and the device (see ``hardware``)."""
+
+    engine: str = option("auto", "runs the frozen backbone: ONNX Runtime when usable (auto), or torch",
+                         choices=ENGINES)
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)", choices=DEVICES)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; expected one of {', '.join(ENGINES)} (--engine)")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)} (--device)")
