@@ -198,6 +198,24 @@ def _cmd_demo(args) -> None:
     run_demo(Path(args.out), per_class=args.per_class, backbone=args.backbone)
 
 
+def _cmd_serve(args) -> None:
+    import dataclasses
+    import os
+
+    from .config import ServeConfig, cli_fields
+    from .serve import serve  # FastAPI and uvicorn load only for this command
+
+    values = {f.name: getattr(args, f.name) for f in cli_fields(ServeConfig)}
+    values["api_key"] = values["api_key"] or os.environ.get("HEADSTART_API_KEY") or None
+    values["cors"] = tuple(values["cors"] or ())
+    serve(args.run, dataclasses.replace(ServeConfig(), **values), engine=args.engine)
+
+
+def _with_default(text: str, default) -> str:
+    shown = text if "default" in text else f"{text} (default: {default})"
+    return shown.replace("%", "%%")
+
+
 def _add_train_args(p) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or timm:<model> (default: %(default)s)")
     p.add_argument("--strategy", choices=["frozen", "frozen-aug", "finetune"], default="frozen",
@@ -290,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", help="file to write (default: RUN/model.onnx)")
     p.set_defaults(func=_cmd_export)
+
+    from .config import ServeConfig, cli_fields
+
+    p = sub.add_parser("serve", help="an HTTP service (and a page at /) for a run or an exported ONNX file",
+                       epilog="examples:\n  headstart serve run                        # http://127.0.0.1:8000/\n"
+                              "  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'\n"
+                              "  HEADSTART_API_KEY=secret headstart serve model.onnx --port 9000\n"
+                              "routes and limits: docs/serve.md", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
+    for f in cli_fields(ServeConfig):
+        kw = dict(f.metadata["argparse"])
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+        default = None if kw.get("action") == "append" else f.default  # argparse appends to a copy of a list
+        p.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), dest=f.name, default=default,
+                       help=_with_default(f.metadata["help"], f.default), **kw)
+    _add_engine_arg(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")

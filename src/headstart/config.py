@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -247,3 +247,51 @@ class EngineConfig:
             raise ConfigError(f"unknown engine {self.engine!r}; expected one of {', '.join(ENGINES)} (--engine)")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)} (--device)")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``headstart serve``: where it listens, how it batches, and the limits that keep it answering.
+
+    Requests are gathered into one engine batch of up to ``max_batch`` images, waiting at most ``max_wait_ms``
+    for images already being decoded. At most ``max_queue`` images wait for the model; past that, or
+    ``timeout`` seconds after arrival without reaching it, a request is answered 503 with ``Retry-After``.
+    ``api_key`` (or the ``HEADSTART_API_KEY`` environment variable) makes every model route ask for
+    ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+    """
+
+    host: str = option("127.0.0.1", "address to listen on (another host than 127.0.0.1 exposes the model to "
+                       "the network)", metavar="ADDR")
+    port: int = option(8000, "TCP port (0: any free port; the one chosen is printed)", type=int)
+    max_batch: int = option(32, "most images in one engine batch", type=int, metavar="N")
+    max_wait_ms: float = option(5.0, "most milliseconds a batch waits for images still being decoded", type=float,
+                                metavar="MS")
+    max_body_mb: float = option(20.0, "largest request body in MB (larger: 413)", type=float, metavar="MB")
+    max_images: int = option(64, "most images in one request (more: 413)", type=int, metavar="N")
+    max_megapixels: float = option(50.0, "largest image in megapixels (larger: 422, a decompression bomb)",
+                                   type=float, metavar="MP")
+    max_queue: int = option(256, "most images waiting for the model (more: 503 with Retry-After)", type=int,
+                            metavar="N")
+    timeout: float = option(10.0, "seconds a request may wait for the model (longer: 503 with Retry-After)",
+                            type=float, metavar="S")
+    api_key: str | None = option(None, "require this key (Authorization: Bearer KEY or X-API-Key: KEY); default: "
+                                 "$HEADSTART_API_KEY, else no key", metavar="KEY")
+    cors: tuple[str, ...] = option((), "allow browser pages from this origin (repeat for more; default: none)",
+                                   metavar="ORIGIN", action="append")
+    name: str | None = option(None, "the model's name in the routes (default: the run folder's or file's name)")
+    access_log: bool = option(False, "log every request", action="store_true")
+    decode_threads: int | None = option(None, "threads decoding uploads (default: two on two cores)", cli=False)
+    shutdown_timeout: float = option(30.0, "seconds SIGINT/SIGTERM waits for requests in flight", cli=False)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port} (--port)")
+        for name in ("max_batch", "max_images", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')})")
+        _finite("max_wait_ms (--max-wait-ms)", self.max_wait_ms, 0.0)
+        for name in ("max_body_mb", "max_megapixels", "timeout"):
+            _finite(f"{name} (--{name.replace('_', '-')})", getattr(self, name), 0.0, lo_open=True)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty; give a non-empty --api-key or HEADSTART_API_KEY, or neither")
+        object.__setattr__(self, "cors", tuple(self.cors or ()))

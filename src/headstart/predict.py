@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .export import OnnxModel
 from .features import Extraction, FeatureCache, default_threads, extract_features, features_shape
 
-__all__ = ["Predictor", "collect_images"]
+__all__ = ["Predictor", "collect_images", "prediction_rows"]
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -133,14 +133,23 @@ class Predictor:
         """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``."""
         paths = collect_images(inputs)
         probs, errors, _ = self.probabilities(paths, progress=progress)
-        k = max(1, min(top_k, len(self.classes)))
-        rows = []
-        for i, p in enumerate(paths):
-            if i in errors:
-                rows.append({"path": str(p), "label": None, "probability": None, "top_k": [], "error": errors[i]})
-                continue
-            order = np.argsort(-probs[i])[:k]
-            top = [{"label": self.classes[j], "probability": float(probs[i, j])} for j in order]
-            rows.append({"path": str(p), "label": top[0]["label"], "probability": top[0]["probability"],
-                         "top_k": top, "error": None})
-        return rows
+        return prediction_rows([str(p) for p in paths], probs, errors, self.classes, top_k)
+
+
+def prediction_rows(paths: list[str], probs: np.ndarray, errors: dict[int, str], classes: list[str],
+                    top_k: int = 1) -> list[dict]:
+    """The rows of ``headstart predict --format json`` (and of the service): one per path,
+    ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``; ``errors`` maps a
+    row's index to why its image could not be read (its ``probs`` row is then ignored). ``top_k`` is clipped
+    to 1..len(classes)."""
+    k = max(1, min(top_k, len(classes)))
+    rows = []
+    for i, p in enumerate(paths):
+        if i in errors:
+            rows.append({"path": p, "label": None, "probability": None, "top_k": [], "error": errors[i]})
+            continue
+        order = np.argsort(-probs[i])[:k]
+        top = [{"label": classes[j], "probability": float(probs[i, j])} for j in order]
+        rows.append({"path": p, "label": top[0]["label"], "probability": top[0]["probability"],
+                     "top_k": top, "error": None})
+    return rows
