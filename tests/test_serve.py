@@ -59,7 +59,8 @@ class Server:
     def __init__(self, run: Path, tmp: Path, *args: str, env: dict | None = None):
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
         self._stderr = open(self.log, "w")
-        environment = os.environ | {"HEADSTART_CACHE": str(tmp / "serve-cache")} | (env or {})
+        # one cache for every server of the session: the backbone is exported to ONNX once
+        environment = os.environ | {"HEADSTART_CACHE": str(tmp.parent / "serve-cache")} | (env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", "serve", str(run), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=environment)
         with ThreadPoolExecutor(1) as pool:  # the address line, or the end of a server that failed to start
@@ -68,9 +69,15 @@ class Server:
         self.url = line.split()[2].rstrip("/")
         self.port = int(self.url.rsplit(":", 1)[1])
         deadline = time.monotonic() + 180
-        while httpx.get(self.url + "/ready").status_code != 200:
+        while not self._ready():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.stderr()
             time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/ready", timeout=30).status_code == 200
+        except httpx.TimeoutException:  # a busy machine: ask again
+            return False
 
     def stderr(self) -> str:
         self._stderr.flush()

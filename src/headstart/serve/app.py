@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -24,7 +23,6 @@ from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig
 from ..errors import ImageReadError
-from ..predict import prediction_rows
 from .batcher import Overloaded
 from .uploads import ApiError, BodyLimit, BodyTooLarge, read_uploads
 from .model import ServedModel
@@ -102,17 +100,18 @@ def create_app(model: ServedModel, config: ServeConfig, on_fatal: Callable[[str]
         service.check_ready()
         uploads = await read_uploads(request, config.max_images)
         results = await service.classify(uploads)
-        return _rows_response(uploads, results, model.classes, top_k)
+        return _rows_response(uploads, results, model.predictor, top_k)
 
     app.include_router(oip_router(service, authorised))
     return app
 
 
-def _rows_response(uploads, results, classes, top_k):
-    """200 with the rows; 422 naming the unreadable uploads, with every row (the readable ones predicted)."""
+def _rows_response(uploads, results, predictor, top_k):
+    """200 with the rows of ``headstart predict``; 422 naming the unreadable uploads, with every row (the
+    readable ones predicted)."""
     errors = {i: r.reason for i, r in enumerate(results) if isinstance(r, ImageReadError)}
-    probs = np.stack([np.full(len(classes), np.nan, np.float32) if i in errors else r for i, r in enumerate(results)])
-    rows = prediction_rows([name for name, _ in uploads], probs, errors, classes, top_k)
+    rows = [predictor.row(name, None if i in errors else results[i], errors.get(i), top_k)
+            for i, (name, _) in enumerate(uploads)]
     if errors:
         named = "; ".join(f"{uploads[i][0]}: {reason}" for i, reason in errors.items())
         raise ApiError(422, f"{len(errors)} of {len(uploads)} upload(s) cannot be read as images ({named})",

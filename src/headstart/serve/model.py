@@ -1,10 +1,12 @@
-"""The model behind the service: a run folder or an exported ONNX file as one call, images -> probabilities.
+"""The model behind the service: a run folder or an exported ONNX file, with the predictor ``headstart predict``
+would use for it.
 
     >>> served = ServedModel.open("run")            # or "model.onnx"
-    >>> served.warm_up(32); served.probabilities(images)   # (N, 3, H, W) normalised -> (N, classes)
+    >>> served.warm_up(32)
+    >>> served.probabilities(torch.stack([served.predictor.prepare(data, name="cat.jpg")]))   # (1, classes)
 
-A run's backbone runs on its inference engine (``headstart.engines``, ONNX Runtime by default) and its head
-follows in torch, as ``headstart predict`` does; an exported file runs whole on ONNX Runtime.
+It is loaded as ``headstart.load`` loads it and predicts with ``ImageClassifier.predictor()`` (same
+preprocessing, same engine), so the service and ``headstart predict`` give the same answer.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
-from ..config import DataConfig
-from ..engines import make_runner
+from .._version import __version__
+from ..api import load
 from ..errors import RunFormatError
-from ..export import OnnxModel, is_onnx_file
-from ..runs import load_model
+from ..export import is_onnx_file
 
 __all__ = ["ServedModel"]
 
@@ -29,70 +29,60 @@ log = logging.getLogger("headstart")
 
 
 class ServedModel:
-    """``classes``, ``data_config``, ``info()`` for the model routes, and ``probabilities(images)``.
+    """``classes``, ``data_config``, ``predictor``, ``info()`` for the model routes, and ``probabilities(images)``.
 
-    Not thread-safe: the service calls it from one model thread.
+    Not thread-safe: the service runs it on one model thread (``predictor.prepare`` may run in any thread).
     """
 
-    def __init__(self, name: str, classes: list[str], data_config: DataConfig, info: dict, run):
-        self.name, self.classes, self.data_config = name, list(classes), data_config
-        self._info, self._run = info, run
-        self.engine: str | None = None
+    def __init__(self, classifier, name: str, metrics: dict | None):
+        self.name = name
+        self.classes = list(classifier.classes_)
+        self.predictor = classifier.predictor()
+        self.data_config = self.predictor.model.data_config
+        self._config, self._metrics = classifier.config_, metrics
 
     @classmethod
-    def open(cls, source: str | Path, engine: str = "auto", name: str | None = None) -> "ServedModel":
+    def open(cls, source: str | Path, engine: str = "auto", device: str = "auto",
+             name: str | None = None) -> "ServedModel":
         """The model in ``source``: a run folder (``headstart train --out``) or a file from ``headstart export``.
 
-        ``engine`` runs a run's backbone (``auto``, ``torch``, ``onnx``; an exported file is always ONNX Runtime).
-        The engine itself is made by ``warm_up``.
+        ``engine`` runs a run's backbone (``auto``, ``torch``, ``onnx``); the engine is built by ``warm_up``.
 
         Raises:
-            RunFormatError: ``source`` is neither, or is damaged. EngineError: ONNX Runtime cannot load the file.
+            RunFormatError: ``source`` is neither, or is damaged. EngineError, ConfigError: ``engine`` cannot run it.
         """
         source = Path(source)
-        name = name or (source.stem if source.is_file() else source.resolve().name)
-        if is_onnx_file(source):
-            m = OnnxModel(source)
-            info = {"backbone": m.backbone_identity, "head": m.head_config, "headstart_version": m.headstart_version,
-                    "metrics": None, "format": "onnx"}
-            served = cls(name, m.classes, m.data_config, info, m.probabilities)
-            served.engine = "onnx"
-            return served
-        if not source.is_dir():
+        if not is_onnx_file(source) and not source.is_dir():
             raise RunFormatError(f"{str(source)!r} is neither a run folder nor an exported .onnx file; pass the "
                                  "folder given to `headstart train --out` or a file from `headstart export`")
-        model, config = load_model(source)
-        info = {"backbone": config["backbone"], "head": config["head"], "metrics": _metrics(source),
-                "headstart_version": config.get("headstart_version"), "format": "run"}
-        served = cls(name, model.classes, model.data_config, info, None)
-        served._model, served._requested = model, engine
-        return served
+        clf = load(source)
+        clf.engine, clf.device = engine, device
+        metrics = None if is_onnx_file(source) else _metrics(source)
+        return cls(clf, name or (source.stem if source.is_file() else source.resolve().name), metrics)
 
-    def warm_up(self, max_batch: int) -> None:
-        """Make the engine (a run's backbone is exported to ONNX on first use) and run a batch of one and of
-        ``max_batch``, so the first requests do not pay for session set-up and memory arenas."""
-        if self._run is None:
-            runner = make_runner(self._model.backbone, self._requested, max_batch)
-            head = self._model.head.eval()
-
-            def run(x: torch.Tensor) -> np.ndarray:
-                feats = runner(x)
-                with torch.inference_mode():
-                    return head(feats).softmax(-1).numpy()
-
-            self._run, self.engine = run, runner.engine
-        for n in sorted({1, max_batch}):
-            self.probabilities(torch.zeros((n, 3, *self.data_config.input_size)))
+    @property
+    def engine(self) -> str | None:
+        """The engine running the model (``None`` until ``warm_up``)."""
+        return getattr(self.predictor.runner, "engine", None)
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities ``(N, classes)`` for normalised images ``(N, 3, H, W)``; call ``warm_up`` first."""
-        return np.asarray(self._run(images), dtype=np.float32)
+        """Class probabilities ``(N, classes)`` of prepared images ``(N, 3, H, W)``."""
+        return np.asarray(self.predictor.probabilities_of_batch(images), dtype=np.float32)
+
+    def warm_up(self, max_batch: int) -> None:
+        """Build the engine (a run's backbone is exported to ONNX on first use) and run a batch of one and of
+        ``max_batch``, so the first requests do not pay for session set-up and memory arenas."""
+        for n in sorted({1, max_batch}):
+            self.probabilities(torch.zeros((n, 3, *self.data_config.input_size)))
 
     def info(self) -> dict:
         """What ``GET /model`` shows: name, classes in order, backbone, head, data config, validation metrics,
         engine and versions."""
-        return {"name": self.name, "classes": self.classes, "data_config": self.data_config.to_dict(),
-                "engine": self.engine, "server_version": __version__, **self._info}
+        c = self._config
+        return {"name": self.name, "classes": self.classes, "backbone": c.get("backbone"), "head": c.get("head"),
+                "data_config": self.data_config.to_dict(), "metrics": self._metrics, "engine": self.engine,
+                "format": "onnx" if c.get("format") == "headstart-onnx-model" else "run",
+                "headstart_version": c.get("headstart_version"), "server_version": __version__}
 
 
 def _metrics(run: Path) -> dict | None:

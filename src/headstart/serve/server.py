@@ -56,17 +56,17 @@ class _Server(uvicorn.Server):
             print(f"serving on http://{host}:{port}/ (Ctrl-C or SIGTERM to stop)", flush=True)
 
 
-def serve(source: str | Path, config: ServeConfig, engine: str = "auto") -> None:
+def serve(source: str | Path, config: ServeConfig, engine: str = "auto", device: str = "auto") -> None:
     """Serve the model in ``source`` (a run folder or an exported ``.onnx``) until SIGINT or SIGTERM.
 
-    The model is loaded before the port opens (a damaged run fails here, not on the first request); it warms
+    ``engine`` and ``device`` are those of ``headstart predict``. The model is loaded before the port opens (a damaged run fails here, not on the first request); it warms
     up while the server already answers ``/health`` (``/ready`` turns 200 when it is done).
 
     Raises:
         RunFormatError, EngineError: the model cannot be loaded. ServeFailed: the port cannot be bound, or
             the model could not be warmed up.
     """
-    model = ServedModel.open(source, engine=engine, name=config.name)
+    model = ServedModel.open(source, engine=engine, device=device, name=config.name)
     failures: list[str] = []
     server: _Server | None = None
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ServeConfig
 from ..data.pipeline import default_decode_threads
 from ..errors import ImageReadError
-from ..features import default_threads
+from ..hardware import default_threads
 from .batcher import MicroBatcher, Overloaded
 from .decode import decode_upload
 from .model import ServedModel
@@ -100,6 +100,6 @@ class Service:
 
     def _decode(self, data: bytes, name: str):
         try:
-            return decode_upload(data, name, self.model.data_config, self._max_pixels)
+            return decode_upload(data, name, self.model.predictor, self._max_pixels)
         except ImageReadError as exc:
             return exc
