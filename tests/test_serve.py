@@ -11,11 +11,8 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,7 +24,8 @@ import headstart
 from headstart.cli import main
 from headstart.serve.batcher import MicroBatcher, Overloaded
 
-from conftest import COLOURS, make_folder, make_image
+from conftest import COLOURS, make_image
+from serve_process import Server, tiny_run
 
 KEY = "test-key-3f9a"
 
@@ -36,10 +34,7 @@ KEY = "test-key-3f9a"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    data = make_folder(root / "data", classes=("blue", "red", "green"))
-    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=40, patience=40, cache=root / "cache")
-    return clf.fit(data).save(root / "run")
+    return tiny_run(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -51,45 +46,6 @@ def photos(tmp_path_factory) -> list[Path]:
         out.append(make_image(root / f"{name}_{i}.jpg", colour, size=(400, 300), seed=500 + i))
         out.append(make_image(root / f"{name}_{i}.png", colour, size=(64, 48), seed=600 + i))
     return out
-
-
-class Server:
-    """``headstart serve RUN --port 0 ...`` in its own process; ``url`` once it printed its address."""
-
-    def __init__(self, run: Path, tmp: Path, *args: str, env: dict | None = None):
-        self.log = tmp / f"serve-{time.monotonic_ns()}.log"
-        self._stderr = open(self.log, "w")
-        # one cache for every server of the session: the backbone is exported to ONNX once
-        environment = os.environ | {"HEADSTART_CACHE": str(tmp.parent / "serve-cache")} | (env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", "serve", str(run), "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=environment)
-        with ThreadPoolExecutor(1) as pool:  # the address line, or the end of a server that failed to start
-            line = pool.submit(self.proc.stdout.readline).result(timeout=180)
-        assert line.startswith("serving on http://127.0.0.1:"), f"no address printed: {line!r}\n{self.stderr()}"
-        self.url = line.split()[2].rstrip("/")
-        self.port = int(self.url.rsplit(":", 1)[1])
-        deadline = time.monotonic() + 180
-        while not self._ready():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.stderr()
-            time.sleep(0.1)
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(self.url + "/ready", timeout=30).status_code == 200
-        except httpx.TimeoutException:  # a busy machine: ask again
-            return False
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=120)
-        finally:
-            self._stderr.close()
 
 
 @pytest.fixture(scope="module")

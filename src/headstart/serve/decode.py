@@ -21,7 +21,7 @@ from ..predict import Predictor
 
 __all__ = ["decode_upload"]
 
-_STREAM = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")  # Pillow names the stream; the client knows its file
+_STREAM = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # Pillow names the stream; the client knows its file
 
 
 def decode_upload(data: bytes, name: str, predictor: Predictor, max_pixels: int | None = None) -> torch.Tensor:
@@ -43,7 +43,7 @@ def decode_upload(data: bytes, name: str, predictor: Predictor, max_pixels: int 
     except ImageReadError as exc:
         if not _STREAM.search(exc.reason):
             raise
-        raise ImageReadError(name, _STREAM.sub("the upload", exc.reason)) from exc
+        raise ImageReadError(name, _STREAM.sub("", exc.reason)) from exc
 
 
 def _check_pixels(data: bytes, name: str, max_pixels: int) -> None:

@@ -39,6 +39,7 @@ async function loadModel() {
 function card(name, blob) {
   const node = $("card").content.firstElementChild.cloneNode(true);
   const img = node.querySelector("img");
+  img.addEventListener("error", () => img.classList.add("broken"));
   img.src = URL.createObjectURL(blob);
   img.alt = name;
   node.querySelector(".name").textContent = name;
@@ -101,7 +102,8 @@ async function classify(blob, name) {
 }
 
 function classifyAll(files) {
-  for (const f of files) {
+  // cards are added at the top: go backwards so a batch reads in the order it was chosen
+  for (const f of Array.from(files).reverse()) {
     if (f.type && !f.type.startsWith("image/")) continue;
     classify(f, f.name || "image");
   }
