@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
+import atexit
 import os
 import signal
 import struct
@@ -59,8 +59,14 @@ class ServerProcess:
     def __init__(self, run: Path, extra: list[str]):
         self.proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", "--quiet", "serve", str(run),
                                       "--port", "0", *extra], stdout=subprocess.PIPE, text=True)
-        with ThreadPoolExecutor(1) as pool:
+        pool = ThreadPoolExecutor(1)
+        try:
             line = pool.submit(self.proc.stdout.readline).result(timeout=600)
+        except TimeoutError:
+            self.proc.kill()
+            raise SystemExit("the server printed no address within 10 minutes")
+        finally:
+            pool.shutdown(wait=False)
         if not line.startswith("serving on "):
             raise SystemExit(f"the server did not start: {line!r}")
         self.url = line.split()[2].rstrip("/")
@@ -177,6 +183,7 @@ def main() -> None:
     del predictor, clf
 
     server = ServerProcess(args.run, args.server_args)
+    atexit.register(lambda: server.proc.poll() is None and server.proc.kill())  # a failed run leaves no server
     max_body = 20.0
     if "--max-body-mb" in args.server_args:
         max_body = float(args.server_args[args.server_args.index("--max-body-mb") + 1])

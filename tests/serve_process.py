@@ -33,8 +33,20 @@ class Server:
         environment = os.environ | {"HEADSTART_CACHE": str(tmp.parent / "serve-cache")} | (env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "headstart.cli", "serve", str(run), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=environment)
-        with ThreadPoolExecutor(1) as pool:  # the address line, or the end of a server that failed to start
+        try:
+            self._wait_until_ready()
+        except BaseException:  # a server that failed its start is not left running
+            self.proc.kill()
+            self.proc.wait()
+            self._stderr.close()
+            raise
+
+    def _wait_until_ready(self) -> None:
+        pool = ThreadPoolExecutor(1)  # the address line, or the end of a server that failed to start
+        try:
             line = pool.submit(self.proc.stdout.readline).result(timeout=180)
+        finally:
+            pool.shutdown(wait=False)  # on a timeout the caller kills the server, which ends the read
         assert line.startswith("serving on http://127.0.0.1:"), f"no address printed: {line!r}\n{self.stderr()}"
         self.url = line.split()[2].rstrip("/")
         self.port = int(self.url.rsplit(":", 1)[1])

@@ -107,6 +107,19 @@ def test_the_service_answers_as_headstart_predict_does(server, run, photos, caps
                                    atol=1e-5)
 
 
+def test_tta_answers_as_headstart_predict_tta(server, run, photos, capsys):
+    assert main(["predict", str(run), *map(str, photos), "--format", "json", "--top-k", "3", "--tta"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    plain = post(server.url, photos, top_k=3).json()
+    got = httpx.post(server.url + "/predict?top_k=3&tta=1", timeout=60,
+                     files=[("file", (p.name, p.read_bytes())) for p in photos]).json()
+    for g, e, p in zip(got, expected, plain):
+        np.testing.assert_allclose([t["probability"] for t in g["top_k"]], [t["probability"] for t in e["top_k"]],
+                                   atol=1e-5)
+        assert [t["label"] for t in g["top_k"]] == [t["label"] for t in e["top_k"]]
+    assert any(abs(g["probability"] - p["probability"]) > 1e-4 for g, p in zip(got, plain))  # it did something
+
+
 def test_one_raw_image_body_is_named_by_its_content_disposition(server, photos):
     data = photos[1].read_bytes()
     r = httpx.post(server.url + "/predict?top_k=5", content=data,
@@ -371,3 +384,26 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(run, photos, tmp_path)
     assert s.stop() == 0, s.stderr()
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health")  # and it is gone
+
+
+def test_a_port_in_use_is_a_one_line_error(run, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(run), "--port", str(taken.getsockname()[1])]) == 1
+    err = capsys.readouterr().err
+    assert "address already in use" in err.lower() and "error: the server could not listen on 127.0.0.1:" in err
+
+
+def test_cors_is_off_unless_an_origin_is_given(run):
+    from fastapi.testclient import TestClient
+
+    from headstart.config import ServeConfig
+    from headstart.serve import ServedModel, create_app
+
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    for cors, allowed in (((), None), (("http://app.example",), "http://app.example")):
+        with TestClient(create_app(ServedModel.open(run), ServeConfig(cors=cors))) as client:
+            assert client.get("/health", headers={"Origin": "http://app.example"}).headers.get(
+                "access-control-allow-origin") == allowed
+            assert client.options("/predict", headers=preflight).headers.get("access-control-allow-origin") == allowed

@@ -92,14 +92,15 @@ def create_app(model: ServedModel, config: ServeConfig, on_fatal: Callable[[str]
                                             "largest_batch": stats.largest}}
 
     @app.post("/predict", dependencies=[Depends(authorised)])
-    async def predict(request: Request, top_k: int = Query(1, description="classes per image, best first")):
+    async def predict(request: Request, top_k: int = Query(1, description="classes per image, best first"),
+                      tta: bool = Query(False, description="average with the mirror image (predict --tta)")):
         """Images as multipart form files (any field name, several at once) or one raw ``image/*`` body;
         the rows of ``headstart predict --format json``, with each upload's file name as ``path``."""
         if top_k < 1:
             raise ApiError(422, f"top_k must be >= 1, got {top_k}")
         service.check_ready()
         uploads = await read_uploads(request, config.max_images)
-        results = await service.classify(uploads)
+        results = await service.classify(uploads, tta=tta)
         return _rows_response(uploads, results, model.predictor, top_k)
 
     app.include_router(oip_router(service, authorised))
@@ -122,7 +123,7 @@ def _rows_response(uploads, results, predictor, top_k):
 def _key_check(key: str | None):
     """A dependency that lets a request through only with ``key`` (no key configured: every request)."""
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:  # async: a sync dependency would take a thread per request
         if key is None:
             return
         given = request.headers.get("x-api-key")

@@ -56,6 +56,17 @@ class _Server(uvicorn.Server):
             print(f"serving on http://{host}:{port}/ (Ctrl-C or SIGTERM to stop)", flush=True)
 
 
+class _Errors(logging.Handler):
+    """Keeps uvicorn's error messages, so a failure to start is one line that says why."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def serve(source: str | Path, config: ServeConfig, engine: str = "auto", device: str = "auto") -> None:
     """Serve the model in ``source`` (a run folder or an exported ``.onnx``) until SIGINT or SIGTERM.
 
@@ -83,11 +94,16 @@ def serve(source: str | Path, config: ServeConfig, engine: str = "auto", device:
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this machine can use the model%s", config.host,
                     "" if config.api_key else " (no --api-key set)")
+    errors = _Errors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
     try:
         server.run()
-    except SystemExit as exc:  # uvicorn exits when it cannot bind or its lifespan startup fails
-        raise ServeFailed(f"the server could not start on {config.host}:{config.port} (exit {exc.code}); is "
-                          "the port in use? Choose another --port, or --port 0 for any free one") from exc
+    except SystemExit as exc:  # uvicorn logs why and exits when it cannot bind or its lifespan startup fails
+        why = errors.messages[-1] if errors.messages else f"exit {exc.code}"
+        raise ServeFailed(f"the server could not listen on {config.host}:{config.port} ({why}); choose another "
+                          "--port (0: any free one) or --host") from exc
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
     if failures:
         raise ServeFailed(failures[0])
     print("stopped", file=sys.stderr)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import ServeConfig
 from ..data.pipeline import default_decode_threads
+from ..data.transforms import hflip
 from ..errors import ImageReadError
 from ..hardware import default_threads
 from .batcher import MicroBatcher, Overloaded
@@ -75,31 +76,38 @@ class Service:
         if not self.ready:
             raise Overloaded(self.failure or "the model is still warming up; retry in a moment", 1)
 
-    async def classify(self, uploads: list[tuple[str, bytes]]) -> list[np.ndarray | ImageReadError]:
+    async def classify(self, uploads: list[tuple[str, bytes]], tta: bool = False) -> list[np.ndarray | ImageReadError]:
         """Per upload ``(name, data)``: its class probabilities ``(classes,)``, or the ``ImageReadError`` saying
         why it cannot be read. Images are decoded in threads, then batched with other requests' images.
+
+        With ``tta``, each image's mirror image goes into the batch too and the two are averaged, as
+        ``headstart predict --tta`` does (mirroring a normalised tensor is mirroring the resized picture).
 
         Raises:
             Overloaded: warming up, the queue is full, or the images waited past ``--timeout``.
         """
         self.check_ready()
-        self.batcher.check_room(len(uploads))
+        views = 2 if tta else 1
+        self.batcher.check_room(views * len(uploads))
         loop = asyncio.get_running_loop()
-        with self.batcher.incoming(len(uploads)):
-            decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, self._decode, data, name)
+        with self.batcher.incoming(views * len(uploads)):
+            decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, self._decode, data, name, tta)
                                              for name, data in uploads))
             good = [x for x in decoded if not isinstance(x, ImageReadError)]
-            futures = self.batcher.submit(good) if good else []
+            futures = self.batcher.submit([v for x in good for v in x]) if good else []
         try:
-            probs = iter(await asyncio.gather(*futures))
+            probs = await asyncio.gather(*futures)
         except BaseException:
             for f in futures:  # a 503 for one image answers the request: free the others' places
                 f.cancel()
             raise
-        return [x if isinstance(x, ImageReadError) else next(probs) for x in decoded]
+        per_image = iter(np.mean(probs[i:i + views], axis=0) for i in range(0, len(probs), views))
+        return [x if isinstance(x, ImageReadError) else next(per_image) for x in decoded]
 
-    def _decode(self, data: bytes, name: str):
+    def _decode(self, data: bytes, name: str, tta: bool):
+        """The image's prepared views (itself, and its mirror image with ``tta``), or the ``ImageReadError``."""
         try:
-            return decode_upload(data, name, self.model.predictor, self._max_pixels)
+            x = decode_upload(data, name, self.model.predictor, self._max_pixels)
         except ImageReadError as exc:
             return exc
+        return [x, hflip(x)] if tta else [x]
