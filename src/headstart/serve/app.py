@@ -29,7 +29,7 @@ from .model import ServedModel
 from .oip import oip_router
 from .service import Service
 
-__all__ = ["create_app", "ApiError"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("headstart")
 STATIC = Path(__file__).parent / "static"
