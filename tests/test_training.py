@@ -14,7 +14,7 @@ from headstart.errors import NotFittedError, RunFormatError
 
 
 def test_fit_learns_the_classes_and_reports_backbone_passes(image_folder):
-    clf = headstart.ImageClassifier(**FAST).fit(image_folder)
+    clf = headstart.ImageClassifier(**FAST | {"head": "flatten"}).fit(image_folder)
     assert clf.classes_ == ["blue", "red"]
     assert clf.metrics_["val"]["accuracy"] == 1.0
     assert clf.report_["backbone_passes"] == {"train": 16, "val": 8}
