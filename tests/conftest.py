@@ -27,6 +27,12 @@ FAST = dict(backbone="test_tiny", epochs=30, patience=30)
 FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5"]
 
 
+def fuzz_examples(fast_tier: int) -> int:
+    """Examples per fuzz test: ``fast_tier`` (what a run of seconds affords), or ``$HEADSTART_FUZZ_EXAMPLES``
+    for a long hunt. A failing example is kept in hypothesis' database and tried first next time."""
+    return int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", fast_tier))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "feature-cache"))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import headstart
-from conftest import FAST, disk_full_under, make_folder, refusing_reads, weights_file
+from conftest import FAST, disk_full_under, fuzz_examples, make_folder, refusing_reads, weights_file
 from headstart.cache import _shard_members
 from headstart.errors import StorageError
 from headstart.features import FeatureCache, extract_features
@@ -116,7 +116,8 @@ def one_entry(tmp_path_factory):
     return cache, "ns", "ab" * 16, features, cache._path("ns", "ab" * 16).read_bytes()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 400)))
 def test_a_damaged_entry_is_never_served(one_entry, edits, cut):
@@ -145,7 +146,8 @@ def one_shard(tmp_path_factory):
     return root, digests, features, shard.read_bytes()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 600)))
 def test_a_damaged_shard_never_serves_wrong_features(one_shard, edits, cut):

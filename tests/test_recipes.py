@@ -56,7 +56,8 @@ def test_finetune_trains_only_the_unfrozen_groups(image_folder):
                                     val_fraction=0).fit(image_folder / "train")
     after = clf.model_.backbone
     frozen = after.body.block2  # block2 stays, block3 trains
-    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), before.body.block2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(),
+                                                  before.body.block2.state_dict().values()))
     assert not torch.equal(after.body.block3.block3_conv.weight, before.body.block3.block3_conv.weight)
     # BatchNorm statistics keep their pretrained values (inference mode while fine-tuning)
     assert torch.equal(after.body.block3.block3_bn.running_mean, before.body.block3.block3_bn.running_mean)
