@@ -70,9 +70,17 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahea
     decoded = []
     base = EvalTransform(bb.data_config)
 
-    def transform(im):
-        decoded.append(1)
-        return base(im)
+    class Counting:  # the Transform contract (headstart.protocols), counting its calls
+        pixels = False
+
+        def spec(self):
+            return None
+
+        def __call__(self, im, key=None):
+            decoded.append(1)
+            return base(im)
+
+    transform = Counting()
 
     batches = decoded_batches(paths, range(40), transform, batch_size=4, threads=2, prefetch=6,
                               read_ahead=read_ahead)
@@ -95,13 +103,21 @@ def test_the_backbone_starts_after_a_few_images_while_later_files_are_still_hash
     paths[50].write_bytes(b"broken")
     bb = create_backbone("vgg16", weights=None, input_size=32).eval()
     hashed, calls = [], []
-    digest = features._safe_digest
-    monkeypatch.setattr(features, "_safe_digest", lambda p: hashed.append(p) or digest(p))
+    digest = features.content_digest
+    monkeypatch.setattr(features, "content_digest", lambda data: hashed.append(1) or digest(data))
 
-    def runner(x):
-        calls.append((len(x), len(hashed)))
-        with torch.inference_mode():
-            return bb.body(x)
+    class Runner:  # the Runner contract (headstart.protocols), recording what it was handed
+        engine, read_ahead, lanes = "test", True, 1
+
+        def __call__(self, x):
+            calls.append((len(x), len(hashed)))
+            with torch.inference_mode():
+                return bb.body(x)
+
+        def submit(self, x):
+            raise AssertionError("one lane: run_batches calls the runner directly")
+
+    runner = Runner()
 
     ex = extract_features(bb, paths, None, runner=runner, batch_size=8)
     assert calls[0] == (2, calls[0][1])  # a quarter batch first: the backbone waits for 2 images, not 8

@@ -86,8 +86,8 @@ def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tm
     again = headstart.ImageClassifier(backbone="vgg16", weights=weights, input_size=32, epochs=5, batch_size=8,
                                       cache=cache).fit(data)
     r = again.report_
-    assert r["cache_recomputed"] == [] and r["skipped_unreadable"] == []
-    assert sum(r["from_cache"].values()) == stored and sum(r["backbone_passes"].values()) == n - stored
+    assert r.cache_recomputed == [] and r.skipped_unreadable == []
+    assert sum(r.from_cache.values()) == stored and sum(r.backbone_passes.values()) == n - stored
     assert _sound_entries(cache) == n
     fresh = extract_features(again.model_.backbone, sorted(data.rglob("*.png")), cache=None).features
     cached = extract_features(again.model_.backbone, sorted(data.rglob("*.png")), FeatureCache(cache))
