@@ -72,9 +72,17 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahea
     base = EvalTransform(create_backbone("test_tiny").data_config)
     decoded, taken = [], []
 
-    def transform(im):
-        decoded.append(1)
-        return base(im)
+    class Counting:  # the Transform contract (headstart.protocols), counting its calls
+        pixels = False
+
+        def spec(self):
+            return None
+
+        def __call__(self, im, key=None):
+            decoded.append(1)
+            return base(im)
+
+    transform = Counting()
 
     def indices():  # the pipeline takes an index for each image it will decode
         for i in range(40):
@@ -103,11 +111,19 @@ def test_the_backbone_starts_after_a_few_images_while_later_files_are_still_hash
     bb = create_backbone("test_tiny").eval()
     calls = []
 
-    with recording_opens() as opened:  # each image file is opened to hash it (its cache key), then to decode it
-        def runner(x):
-            calls.append((len(x), len({p for p in opened if p.startswith(str(tmp_path))})))
-            with torch.inference_mode():
-                return bb.body(x)
+    with recording_opens() as opened:  # each image file is opened once: its bytes are hashed, then decoded
+        class Runner:  # the Runner contract (headstart.protocols), recording what it was handed
+            engine, read_ahead, lanes = "test", True, 1
+
+            def __call__(self, x):
+                calls.append((len(x), len({p for p in opened if p.startswith(str(tmp_path))})))
+                with torch.inference_mode():
+                    return bb.body(x)
+
+            def submit(self, x):
+                raise AssertionError("one lane: run_batches calls the runner directly")
+
+        runner = Runner()
 
         ex = extract_features(bb, paths, None, runner=runner, batch_size=8)
     assert calls[0][0] == 2  # a quarter batch first: the backbone waits for 2 images, not 8
@@ -142,13 +158,14 @@ def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp
 
 
 class _LaneRunner:
-    """A runner with two lanes whose features are each image's mean; records the parts handed to it.
+    """A runner (the Runner contract) with two lanes whose features are each image's mean; records the parts
+    handed to it.
 
     ``out_of_order``: of each two parts in a row, the first finishes only once the second has, so results come
     out of order whatever the threads' timing.
     """
 
-    lanes = 2
+    engine, read_ahead, lanes = "test", True, 2
 
     def __init__(self, fail_on: float | None = None, out_of_order: bool = False):
         self.pool = ThreadPoolExecutor(2)
@@ -167,6 +184,9 @@ class _LaneRunner:
             return x.mean(dim=(2, 3))
         finally:
             self.done[k].set()
+
+    def __call__(self, x):
+        raise AssertionError("two lanes: run_batches submits parts")
 
     def submit(self, x):
         k = self.submitted

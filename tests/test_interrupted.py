@@ -101,8 +101,8 @@ def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tm
     again = headstart.ImageClassifier(backbone="test_tiny", weights=weights, epochs=5, batch_size=8,
                                       cache=cache).fit(data)
     r = again.report_
-    assert r["cache_recomputed"] == [] and r["skipped_unreadable"] == []
-    assert sum(r["from_cache"].values()) == stored and sum(r["backbone_passes"].values()) == n - stored
+    assert r.cache_recomputed == [] and r.skipped_unreadable == []
+    assert sum(r.from_cache.values()) == stored and sum(r.backbone_passes.values()) == n - stored
     assert _sound_entries(cache) == n
     # what the cache serves is what the backbone computes (test_tiny's averaging head keeps each map's average)
     files = sorted(data.rglob("*.png"))
