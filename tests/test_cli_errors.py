@@ -18,6 +18,7 @@ import headstart
 import headstart.training.recipes
 import headstart.api
 import headstart.cache
+import headstart.runfolder
 import headstart.features
 from conftest import random_vgg_weights
 from headstart.cli import build_parser, error_message, main
@@ -69,7 +70,7 @@ def test_unwritable_output_fails_before_extraction_and_leaves_no_trace(tmp_path,
 
     def denied(dir=None, prefix=None, **k):  # a read-only folder, as root would not see it through chmod
         raise PermissionError(errno.EACCES, "Permission denied", dir)
-    monkeypatch.setattr(headstart.runs.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(headstart.runfolder.tempfile, "mkdtemp", denied)
     assert main(["train", str(image_folder), "--out", str(parent / "a" / "run"), *TINY]) == 1
     err = _one_error_line(capsys)
     assert f"{str(parent)!r} is not writable" in err and "Permission denied" in err
