@@ -145,7 +145,8 @@ def load_pixels(src: ImageSource, min_size: int | None = None, name: str | None 
     data = read_source(src)
     name = name or source_name(src)
     if isinstance(data, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(_checked_array(data, name))).permute(2, 0, 1)
+        # a copy: the caller's array (perhaps read-only, as np.asarray of a picture is) is never shared
+        return torch.from_numpy(np.array(_checked_array(data, name), order="C")).permute(2, 0, 1)
     if isinstance(data, Image.Image):
         return torch.from_numpy(np.array(_to_rgb(data), dtype=np.uint8)).permute(2, 0, 1)
     with _reading(data, name) as im:
