@@ -107,8 +107,8 @@ def test_a_pickle_with_code_is_not_executed(tmp_path):
 
 
 def test_missing_hub_weights_say_how_to_supply_a_file():
-    with pytest.raises(WeightsUnavailableError, match="--weights PATH"):
-        create_backbone("timm:resnet18")  # offline, nothing cached: a clear error, not a stack trace
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE is set.*--weights FILE.*--random-init"):
+        create_backbone("timm:resnet18")  # offline, nothing cached: a clear error at once, no question to the hub
 
 
 def test_bundled_efficientnet_weights_load_offline():

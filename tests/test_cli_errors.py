@@ -83,7 +83,9 @@ def test_read_only_output_folder_fails_before_extraction(tmp_path, image_folder,
 
 
 def test_a_writable_output_check_leaves_no_trace(tmp_path):
-    headstart.runs.check_output_folder(tmp_path / "new" / "run")
+    from headstart.runfolder import check_output_folder
+
+    check_output_folder(tmp_path / "new" / "run")
     assert list(tmp_path.iterdir()) == []
 
 

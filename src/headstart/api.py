@@ -1,7 +1,7 @@
 """The Python facade: ``ImageClassifier`` (scikit-learn conventions) and ``load``.
 
     >>> clf = ImageClassifier(backbone="vgg16", input_size=150).fit("data/train", val="data/val")
-    >>> clf.predict(["cat.jpg"]), clf.classes_
+    >>> clf.predict("cat.jpg"), clf.predict(["photos/", picture]), clf.score("data/test"), clf.classes_
     >>> clf.save("run"); clf = load("run")
 """
 
@@ -18,8 +18,10 @@ from .backbones import registry
 from .backbones.base import Backbone, create_backbone
 from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
 from .data.datasets import Dataset, Splits, load_dataset, load_splits
+from .data.images import source_name
+from .data.inputs import image_inputs
 from .data.suspects import find_suspects
-from .errors import ConfigError, NotFittedError
+from .errors import ConfigError, DatasetError, ImageReadError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
 from .features import FeatureCache, cache_key, features_shape
@@ -27,6 +29,7 @@ from .hardware import Hardware, default_threads
 from .heads import Head
 from .model import ImageModel
 from .predict import Predictor
+from .runfolder import check_new_run, remove_checkpoints
 from .runs import RunReport, load_model, save_model, write_history, write_json
 from .training.recipes import TrainResult, feature_pool, train_recipe
 
@@ -104,21 +107,37 @@ class ImageClassifier:
     def _hardware(self) -> Hardware:
         return Hardware.resolve(self.device).apply()
 
-    def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None, *,
-            out: str | Path | None = None, resume: bool = False) -> "ImageClassifier":
-        """Train on ``data`` (see ``load_splits`` for layouts); returns ``self``.
+    def fit(self, data: str | Path | Splits, val: str | Path | None = None, test: str | Path | None = None, *,
+            out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> "ImageClassifier":
+        """Train on ``data``; returns ``self``. What the training did is in ``report_``.
 
-        With ``out``, checkpoints go to ``out/checkpoints`` as training runs, and ``resume=True`` continues
-        from them (feature extraction resumes from the cache). What the training did is in ``report_``.
+        ``data`` takes the layouts ``headstart train`` takes: a folder with ``train/`` (and ``val/``, ``test/``),
+        a folder of class folders, or a CSV of ``path,label`` rows (``load_splits``); or the ``Splits`` that
+        ``load_splits`` returned. ``val`` and ``test`` name other folders or CSVs for those sets.
+
+        With ``out``, checkpoints go to ``out/checkpoints`` as training runs (``save(out)`` removes them), and
+        ``resume=True`` continues from them (feature extraction resumes from the cache). A folder that already
+        holds a run is refused unless ``overwrite`` (its checkpoints are deleted now, its other files when the
+        new run is saved) or ``resume``.
 
         Raises:
             DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
                 or a class left with no readable image.
+            StorageError: ``out`` holds a run, and neither ``overwrite`` nor ``resume`` is set.
         """
         t_start = time.perf_counter()
         configs = self._configs()
+        if out is not None:
+            check_new_run(out, overwrite=overwrite, resume=resume)
+            if overwrite and not resume and remove_checkpoints(out):
+                log.info("--overwrite: removed the checkpoints of the earlier run in %s", out)
         hardware = self._hardware()
-        splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
+        if isinstance(data, Splits):
+            if val is not None or test is not None:
+                raise ConfigError("fit got Splits and val/test too; put the val and test sets in load_splits(...)")
+            splits = data
+        else:
+            splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
@@ -138,7 +157,10 @@ class ImageClassifier:
         if result.val_features is not None and len(result.val_ok):
             self.metrics_["val"] = self._metrics(result.val_features, splits.val.labels[result.val_ok])
         if splits.test is not None:
-            self.metrics_["test"] = self.evaluate(splits.test.root)
+            try:
+                self.metrics_["test"] = self.evaluate(splits.test.root)
+            except DatasetError as exc:  # an unusable test set must not throw the trained model away
+                log.warning("the test set was not evaluated: %s", exc)
         self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
         self.report_.seconds["total"] = time.perf_counter() - t_start
         return self
@@ -163,32 +185,88 @@ class ImageClassifier:
             self._predictor_key = key
         return self._predictor_
 
-    def predict_proba(self, paths) -> np.ndarray:
-        """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""
-        probs, errors, _ = self.predictor().probabilities([Path(p) for p in paths], progress=self.progress)
-        return probs
+    def predict_proba(self, data) -> np.ndarray:
+        """Class probabilities, columns in ``classes_`` order: ``(n_classes,)`` for one image, ``(N, n_classes)``
+        for several, with a NaN row for each one that could not be read (it is logged as skipped).
 
-    def predict(self, paths) -> list[str | None]:
-        """The most probable class name per file (``None`` for an unreadable file)."""
-        probs = self.predict_proba(paths)
+        ``data``: one image (a file path, bytes, a binary file, a PIL image, an ``(H, W, 3)`` uint8 array), a
+        folder (its images, as ``headstart predict`` expands it), or a list of these (``data.inputs``).
+
+        Raises:
+            ImageReadError: ``data`` is one image and it cannot be read.
+            ConfigError: ``data`` is not an image or a list of them.
+        """
+        images, one = image_inputs(data)
+        probs, errors, _ = self.predictor().probabilities(images, progress=self.progress)
+        if not one:
+            return probs
+        if errors:
+            raise ImageReadError(source_name(images[0]), errors[0])
+        return probs[0]
+
+    def predict(self, data) -> str | list[str | None]:
+        """The most probable class name: one name for one image, a list for several (``None`` for an image
+        that could not be read). ``data`` as for ``predict_proba``."""
+        probs = self.predict_proba(data)
+        if probs.ndim == 1:
+            return self.classes_[int(probs.argmax())]
         return [None if np.isnan(row).any() else self.classes_[int(row.argmax())] for row in probs]
 
-    def evaluate(self, data: str | Path) -> dict:
-        """Metrics on a labelled class-folder tree or CSV; unreadable files are listed under ``skipped``."""
+    def score(self, data, y=None) -> float:
+        """Accuracy, as scikit-learn's classifiers give it: on a labelled class-folder tree or CSV (``evaluate``'s
+        data), or, with ``y``, of ``predict(data)`` against the true class names ``y``. Unreadable images are
+        left out.
+
+        Raises:
+            ConfigError: ``y`` names a class the model lacks, or its length differs from the images'.
+            DatasetError: ``data`` is not a labelled layout (without ``y``).
+        """
+        if y is None:
+            return self.evaluate(data)["accuracy"]
+        pred = self.predict(data)
+        pred, y = ([pred], [y]) if isinstance(pred, str) else (pred, list(y))
+        if len(y) != len(pred):
+            raise ConfigError(f"score got {len(pred)} image(s) but {len(y)} label(s); give one class name per image")
+        unknown = sorted({str(t) for t in y} - set(self.classes_))
+        if unknown:
+            raise ConfigError(f"score: label(s) {unknown} are not classes of this model ({', '.join(self.classes_)})")
+        read = [(p, str(t)) for p, t in zip(pred, y) if p is not None]
+        if not read:
+            raise ConfigError("score: none of the images could be read (see the skipped lines above)")
+        return sum(p == t for p, t in read) / len(read)
+
+    def evaluate(self, data: str | Path | Dataset) -> dict:
+        """Metrics on a labelled class-folder tree or CSV (or a ``Dataset`` read with this model's classes);
+        unreadable files are listed under ``skipped``.
+
+        ``backbone_passes`` and ``from_cache`` count every view of each image (``views``: 2 with ``tta``).
+
+        Raises:
+            DatasetError: ``data`` has no class folders (or labels) of this model.
+        """
         self._check()
-        ds = load_dataset(data, self.classes_)
+        ds = data if isinstance(data, Dataset) else load_dataset(data, self.classes_)
         t0 = time.perf_counter()
         probs, failed, ex = self.predictor().probabilities(ds.paths, cache=self._feature_cache(),
                                                            progress=self.progress)
         ok = [i for i in range(len(ds)) if i not in failed]
-        log.info("evaluated %d images, %d through the backbone, %d from the cache, %d skipped (%.1f s)", len(ds),
-                 ex.computed, ex.cached, len(failed), time.perf_counter() - t0)
+        views = f" x {ex.views} views (the image and its mirror)" if ex.views > 1 else ""
+        log.info("evaluated %d images%s: %d through the backbone, %d from the cache, %d skipped (%.1f s)", len(ds),
+                 views, ex.computed, ex.cached, len(failed), time.perf_counter() - t0)
+        if not ok:
+            raise DatasetError(f"none of the {len(ds)} images in {ds.root!r} could be read (see the skipped lines); "
+                               "nothing to evaluate")
         m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
-        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "tta": self.tta}
+        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
+                    "tta": self.tta}
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, out: str | Path) -> Path:
-        """Write the run folder (safetensors + JSON + history CSV); returns its path."""
+    def save(self, out: str | Path, *, keep_checkpoints: bool = False) -> Path:
+        """Write the run folder (safetensors + JSON + history CSV); returns its path.
+
+        The run is finished once saved, so the training checkpoints in ``out/checkpoints`` are deleted unless
+        ``keep_checkpoints``.
+        """
         self._check()
         if isinstance(self.model_, OnnxModel):
             raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "
@@ -202,6 +280,8 @@ class ImageClassifier:
         write_history(out / "history.csv", getattr(self, "history_", []))
         if getattr(self, "report_", None) is not None:
             write_json(out / "data.json", self.report_.data_json())
+        if not keep_checkpoints and remove_checkpoints(out):
+            log.info("removed the training checkpoints in %s (the run is saved; --keep-checkpoints keeps them)", out)
         return out
 
     @classmethod
@@ -284,7 +364,19 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
                           for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
         cache_write_error=cache.write_error if cache is not None else None,
         backbone_passes=result.passes, from_cache=result.cached,
-        best=next((h for h in history if h.get("best")), history[-1] if history else {}), metrics=metrics)
+        best=next((h for h in history if h.get("best")), history[-1] if history else {}), metrics=metrics,
+        stages=stage_bests(history))
+
+
+def stage_bests(history: list[dict]) -> dict[str, dict]:
+    """Each training stage's best epoch (lowest monitored loss: validation, else training), by stage name."""
+    out: dict[str, dict] = {}
+    for row in history:
+        loss = row.get("val_loss", row.get("train_loss"))
+        stage = row.get("stage", "head")
+        if stage not in out or loss < out[stage].get("val_loss", out[stage].get("train_loss")):
+            out[stage] = row
+    return out
 
 
 def _suspects(ds: Dataset, ex) -> list[dict]:

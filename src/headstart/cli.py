@@ -1,11 +1,16 @@
 """The ``headstart`` command: parses, calls the public API, prints. Errors become one line (``--debug``: traceback).
 
-Exit codes: 0 ok, 1 failure (bad data, weights, run, disk), 2 usage, 130 interrupted (Ctrl-C).
+Exit codes: 0 ok, 1 failure (bad data, weights, run, disk; ``predict`` with no readable image), 2 usage,
+130 interrupted (Ctrl-C).
+
+Each command says what it is about to do (its data, its run) before it imports torch: the first line comes at
+once, and a wrong path fails at once. torch, timm and ONNX Runtime load inside the commands that need them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import io
@@ -15,9 +20,10 @@ import sys
 import traceback
 from pathlib import Path
 
+from .argparsing import Parser
 from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, SplitConfig, TrainConfig,
                      cli_fields)
-from .errors import HeadstartError
+from .errors import DatasetError, HeadstartError
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
 
@@ -35,49 +41,106 @@ EXAMPLES = """examples:
   headstart train photos/ --out run --strategy finetune --resume      # continue a killed run
   headstart evaluate run photos/val --format json --tta
   headstart predict run new_photos/ --top-k 3 --format csv
-  headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing
+  headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing (docs/onnx.md)
   headstart predict model.onnx new_photos/
   headstart predict run -- -photo-with-leading-dash.jpg
 
+every command has its own examples: headstart COMMAND --help
+
 exit codes:
   0    ok (unreadable images are skipped and listed; they do not fail a run)
-  1    failure: one line "error: ..." says what was wrong and what to do (--debug shows the traceback)
+  1    failure: one line "error: ..." says what was wrong and what to do (--debug shows the traceback);
+       predict: no input could be read
   2    usage: unknown command or option, missing argument
   130  interrupted (Ctrl-C); features computed so far stay in the cache and a re-run reuses them
+
+without a network: weights that are not local fail in seconds with what to do (--weights FILE, --random-init);
+HF_HUB_OFFLINE=1 keeps headstart and huggingface_hub from asking the hub at all
 """
+
+COMMAND_EXAMPLES = {
+    "serve": """
+  headstart serve run                               # http://127.0.0.1:8000/ (a page, and the API)
+  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'
+  HEADSTART_API_KEY=secret headstart serve model.onnx --port 9000   # routes and limits: docs/serve.md
+""",
+    "backbones": """
+  headstart backbones                               # names, input sizes, whether ImageNet weights are local
+  headstart summary efficientnet_lite2              # one backbone's layers
+  headstart train photos/ --out run --backbone timm:resnet18   # any timm model, weights from the hub""",
+    "summary": """
+  headstart summary vgg16 --input-size 150 --frozen    # the Keras recipe's base: 4x4x512, 14,714,688 params
+  headstart summary efficientnet_lite0 --head avg --hidden 256 --dropout 0.3 --classes 5
+  headstart summary vgg16 --weights vgg16_notop.safetensors   # input size from the JSON beside the file
+
+the table is the architecture: no weights are loaded unless --weights names a file, and no network is used""",
+    "train": """
+  headstart train photos/ --out run                 # efficientnet_lite0, frozen: a head on cached features
+  headstart train photos/ --out run-vgg --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
+  headstart train photos/ --out run --strategy finetune --overwrite     # replace the run in run/
+  headstart train photos/ --out run --strategy finetune --resume        # continue a killed run
+
+DATA: DATA/train/<class>/ (with DATA/val/, DATA/test/), a folder of class folders (val: a seeded split), or a
+CSV of path,label rows. Early stopping ends training when the validation loss stops improving (--patience).""",
+    "evaluate": """
+  headstart evaluate run photos/val                 # accuracy, per-class precision/recall/F1, confusion matrix
+  headstart evaluate run photos/test --format json --tta
+  headstart evaluate model.onnx labelled.csv        # a CSV of path,label rows works too
+
+DATA needs one sub-folder per class (as in training) or a CSV; for loose images use headstart predict.""",
+    "predict": """
+  headstart predict run new_photos/ --top-k 3       # folders are expanded to their images
+  headstart predict run a.jpg b.png --format csv > predictions.csv
+  headstart predict model.onnx new_photos/          # an exported model, on ONNX Runtime
+
+exit status: 0 when at least one image was predicted (unreadable ones get an ERROR row); 1 when none could be read""",
+    "export": """
+  headstart export run                              # writes run/model.onnx
+  headstart export run --out model.onnx && headstart predict model.onnx photo.jpg
+
+using the file without headstart (onnxruntime, numpy, Pillow): docs/onnx.md""",
+    "demo": """
+  headstart demo                                    # into ./headstart-demo (an earlier demo there is replaced)
+  headstart demo --out /tmp/demo --per-class 20     # a quicker run""",
+}
+
+
+def _examples(command: str) -> str:
+    return "examples:" + COMMAND_EXAMPLES[command]
+
+
+log = logging.getLogger("headstart")
 
 
 def _cmd_backbones(args) -> None:
+    # the header first: the registry needs torch and timm, which take a few seconds to import
+    widths = (22, 10, 44)
+    print(f"{'backbone':<{widths[0]}}{'input':<{widths[1]}}{'imagenet weights offline':<{widths[2]}}description",
+          flush=True)
     from .backbones import registry
 
-    rows = []
     for name in registry.names():
         e = registry.get(name)
         offline = next((s.label for s in e.sources if s.available()), None)
         size = "x".join(map(str, e.data_config.input_size))
-        rows.append((name, size, offline or "no (use --weights FILE)", e.description))
-    w = [max(len(r[i]) for r in rows + [("backbone", "input", "imagenet weights offline", "")]) + 2 for i in range(3)]
-    print(f"{'backbone':<{w[0]}}{'input':<{w[1]}}{'imagenet weights offline':<{w[2]}}description")
-    for r in rows:
-        print(f"{r[0]:<{w[0]}}{r[1]:<{w[1]}}{r[2]:<{w[2]}}{r[3]}")
+        row = (name, size, offline or "no (use --weights FILE)")
+        print("".join(f"{v:<{w}}" if len(v) < w else v + "  " for v, w in zip(row, widths)) + e.description)
     print("\nAny timm model also works as 'timm:<name>' (weights from the hub or its local cache).")
 
 
 def _cmd_summary(args) -> None:
+    if args.weights:
+        log.info("summary of %s with the preprocessing of %s", args.backbone, args.weights)
+    else:
+        log.info("summary of %s: the architecture only (no weights are loaded)", args.backbone)
     from .backbones.base import create_backbone
     from .heads import Head, HeadConfig
     from .model import ImageModel
     from .summary import summary
 
-    weights = args.weights or (None if args.random else "imagenet")
-    try:
-        bb = create_backbone(args.backbone, weights=weights, input_size=args.input_size)
-    except HeadstartError as exc:
-        if weights != "imagenet":
-            raise
-        # the table is about shapes and counts: random weights give the same ones
-        logging.getLogger("headstart").info("%s; showing the architecture with random weights", exc)
-        bb = create_backbone(args.backbone, weights=None, input_size=args.input_size)
+    # shapes and counts do not depend on the weights' values: only a named file is read (its JSON may set the
+    # input size), and no weight source is asked, so a summary never waits on the network
+    bb = create_backbone(args.backbone, weights=args.weights or None, input_size=args.input_size)
     if args.frozen:
         bb.freeze()
     model = bb
@@ -97,12 +160,26 @@ def _classifier_from_args(args):
 
 
 def _cmd_train(args) -> None:
-    from .runs import check_output_folder
+    from .data.datasets import load_splits
+    from .runfolder import check_new_run, check_output_folder
 
-    check_output_folder(args.out)  # before the data scan and feature extraction, not after
-    clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test, out=args.out, resume=args.resume)
-    clf.save(args.out)
+    # before the model libraries load: a wrong --out or data layout fails at once
+    check_output_folder(args.out)
+    check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
+    splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
+    log.info("data: %s", _describe_splits(splits))
+    clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
     _print_train_report(clf, args.out)
+
+
+def _describe_splits(splits) -> str:
+    sizes = [f"{len(splits.train)} train"]
+    sizes += [f"{len(splits.val)} val"] if splits.val is not None else []
+    sizes += [f"{len(splits.test)} test"] if splits.test is not None else []
+    classes = splits.train.classes
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} in all)" if len(classes) > 8 else "")
+    return f"{len(classes)} classes ({shown}); {', '.join(sizes)} images ({splits.split_note})"
 
 
 def _print_train_report(clf, out) -> None:
@@ -125,16 +202,52 @@ def _print_train_report(clf, out) -> None:
             print(f"  {row['path']}: {row['reason']}")
     if r.train_val_duplicates:
         print(f"warning: {len(r.train_val_duplicates)} image(s) are in both train and val")
-    best = r.best
-    line = f"best epoch {best['epoch']} of {len(clf.history_)}"
-    if "val_accuracy" in best:
-        line += f": val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}"
-    print(line)
+    for line in _best_lines(r.best, r.stages, len(clf.history_)):
+        print(line)
+    test = clf.metrics_.get("test")
+    if test:
+        print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images), macro F1 {test['macro_f1']:.4f}")
     print(f"time: {r.seconds['total']:.1f} s ({r.recipe['strategy']})")
     print(f"saved to {out}")
 
 
+_STAGE_NAMES = {"head": "head-only stage", "finetune": "fine-tuning stage"}
+
+
+def _scores(row: dict) -> str:
+    if "val_accuracy" in row:
+        return f"val accuracy {row['val_accuracy']:.4f}, val loss {row['val_loss']:.4f}"
+    return f"train accuracy {row['train_accuracy']:.4f}, train loss {row['train_loss']:.4f} (no validation set)"
+
+
+def _best_lines(best: dict, stages: dict, epochs: int) -> list[str]:
+    """Which epoch's weights were saved, from which stage, and, after fine-tuning, whether it paid off."""
+    if not best:
+        return []
+    stage = best.get("stage", "head")
+    line = f"best epoch {best['epoch']} of {epochs}"
+    if len(stages) > 1:
+        line += f" ({_STAGE_NAMES.get(stage, stage)})"
+    lines = [f"{line}: {_scores(best)}"]
+    head, tuned = stages.get("head"), stages.get("finetune")
+    if head and tuned:
+        if stage == "head":
+            lines.append(f"fine-tuning did not beat the head-only stage: its best epoch ({tuned['epoch']}) reached "
+                         f"{_scores(tuned)}; the saved model is the head-only one, the backbone unchanged")
+        else:
+            lines.append(f"fine-tuning beat the head-only stage's best (epoch {head['epoch']}: {_scores(head)})")
+    return lines
+
+
 def _cmd_evaluate(args) -> None:
+    from .data.datasets import load_dataset
+    from .runfolder import run_classes
+
+    classes = run_classes(args.run)
+    data = args.data
+    if classes is not None:  # the data checked before the model libraries load
+        data = load_dataset(args.data, classes)
+        log.info("evaluating %s on %s: %d images in %d classes", args.run, args.data, len(data), len(classes))
     from .api import load
     from .evaluation import format_metrics
 
@@ -143,17 +256,34 @@ def _cmd_evaluate(args) -> None:
     clf.engine, clf.device = args.engine, args.device
     if args.no_cache:
         clf.cache = False
-    m = clf.evaluate(args.data)
+    m = clf.evaluate(data)
     print(json.dumps(m, indent=2) if args.format == "json" else format_metrics(m))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (1: the best class, 3: the top three)")
+    return value
+
+
 def _cmd_predict(args) -> None:
+    from .data.inputs import collect_images
+
+    images = collect_images(args.paths)
+    if not images:
+        raise DatasetError(f"found no image files in {', '.join(args.paths)} (expected .jpg .jpeg .png .gif .bmp "
+                           ".webp); nothing to predict")
+    log.info("predicting %d image(s) with %s", len(images), args.run)
     from .api import load
 
     clf = load(args.run)
     clf.tta = args.tta
     clf.engine, clf.device = args.engine, args.device
-    rows = clf.predictor().predict(args.paths, top_k=args.top_k)
+    rows = clf.predictor().predict_images(images, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -172,11 +302,15 @@ def _cmd_predict(args) -> None:
             else:
                 print(f"{r['path']:<{width}}" + "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"]))
     n_err = sum(1 for r in rows if r["error"])
+    if n_err == len(rows):
+        raise DatasetError(f"none of the {len(rows)} input(s) could be read as an image (see the ERROR rows)")
     if n_err:
         print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
 
 
 def _cmd_export(args) -> None:
+    out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
+    log.info("exporting %s (backbone + head) to %s", args.run, out)
     from .errors import ConfigError
     from .export import export_onnx_model, is_onnx_file
     from .runs import load_model
@@ -184,15 +318,16 @@ def _cmd_export(args) -> None:
     if is_onnx_file(args.run):
         raise ConfigError(f"{args.run} is already an exported model; pass the run folder it came from")
     model, _ = load_model(args.run)
-    out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
     export_onnx_model(model, out)
     size = "x".join(map(str, model.backbone.data_config.input_size))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {model.backbone.name} + head, input {size}, "
           f"classes {', '.join(model.classes)}")
-    print(f"use it with: headstart predict {out} IMAGES...")
+    print(f"use it with: headstart predict {out} IMAGES...   (without headstart: docs/onnx.md)")
 
 
 def _cmd_demo(args) -> None:
+    log.info("demo in %s: scikit-learn's digits as PNG folders, then train (%s), evaluate and predict", args.out,
+             args.backbone)
     from .demo import run_demo
 
     run_demo(Path(args.out), per_class=args.per_class, backbone=args.backbone)
@@ -215,7 +350,7 @@ def _dests(cls) -> list[str]:
 
 def _add_config_args(p, cls, only: tuple[str, ...] | None = None) -> None:
     """One flag per field of ``cls`` (``headstart.config.option``): its name, default, choices and help come
-    from the field, so the CLI cannot drift from the library's defaults."""
+    from the field, so the CLI cannot drift from the library's defaults (the help shows each default)."""
     for f in cli_fields(cls):
         if only is not None and f.name not in only:
             continue
@@ -226,9 +361,8 @@ def _add_config_args(p, cls, only: tuple[str, ...] | None = None) -> None:
         if isinstance(f.default, bool) and "action" not in kwargs:
             kwargs["action"] = "store_true"
         default = list(f.default) if isinstance(f.default, tuple) else f.default
-        shown = "" if default in (None, False, []) or kwargs.get("action") else " (default: %(default)s)"
         p.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), dest=meta["dest"] or f.name,
-                       default=default, help=meta["help"] + shown, **kwargs)
+                       default=default, help=meta["help"], **kwargs)
 
 
 def _add_train_args(p) -> None:
@@ -237,6 +371,9 @@ def _add_train_args(p) -> None:
     p.add_argument("--random-init", dest="weights", action="store_const", const=None, default=argparse.SUPPRESS,
                    help="random weights instead of pretrained ones")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep --out/checkpoints once the run is saved (default: removed)")
     p.add_argument("--val", help="validation folder or CSV (default: DATA/val, else a stratified split)")
     p.add_argument("--test", help="test folder or CSV (default: DATA/test if present)")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
@@ -247,70 +384,69 @@ def _add_engine_arg(p) -> None:
     _add_config_args(p, EngineConfig)
 
 
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=_examples(name))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headstart", description="Transfer learning on images.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="headstart", description="Transfer learning on images.", epilog=EXAMPLES)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="only results and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
+    p = _command(sub, "backbones", "list backbones and whether their weights are available offline")
     p.set_defaults(func=_cmd_backbones)
 
-    p = sub.add_parser("summary", help="a Keras-style layer table of a backbone (and head)")
-    p.add_argument("backbone")
+    p = _command(sub, "summary", "a Keras-style layer table of a backbone (and head)")
+    p.add_argument("backbone", help="registry name (headstart backbones) or timm:<model>")
     _add_config_args(p, BackboneConfig, only=("input_size",))
-    p.add_argument("--weights", help="weights file whose JSON may set the preprocessing")
-    p.add_argument("--random", action="store_true", help="random weights (no weight lookup)")
+    p.add_argument("--weights", metavar="FILE", help="weights file whose JSON may set the preprocessing")
+    p.add_argument("--random", action="store_true", help=argparse.SUPPRESS)  # the table never loads weights now
     p.add_argument("--frozen", action="store_true", help="freeze the backbone (base.trainable = False)")
     _add_config_args(p, HeadConfig)
-    p.add_argument("--classes", type=int, default=2, help="number of classes for --head (default: 2)")
+    p.add_argument("--classes", type=int, default=2, help="number of classes for --head")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("train", help="train a classifier on an image folder or CSV")
+    p = _command(sub, "train", "train a classifier on an image folder or CSV")
     p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
     p.add_argument("--out", required=True, help="run folder to write")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix on labelled data")
-    p.add_argument("run")
-    p.add_argument("data")
-    p.add_argument("--format", choices=["table", "json"], default="table")
-    p.add_argument("--no-cache", action="store_true")
+    p = _command(sub, "evaluate", "accuracy, per-class report and confusion matrix on labelled data")
+    p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
+    p.add_argument("data", help="a folder of class folders, or a CSV of path,label rows")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="a readable report, or JSON")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="predict image files or folders")
+    p = _command(sub, "predict", "predict image files or folders")
     p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("paths", nargs="+", help="image files and folders (expanded to their images)")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="classes shown per image, most probable first")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="one row per image")
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="the whole model (backbone + head) as one ONNX file with its metadata")
+    p = _command(sub, "export", "the whole model (backbone + head) as one ONNX file with its metadata")
     p.add_argument("run", help="run folder written by `headstart train`")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the file format")
     p.add_argument("--out", help="file to write (default: RUN/model.onnx)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("serve", help="an HTTP service (and a page at /) for a run or an exported ONNX file",
-                       epilog="examples:\n  headstart serve run                        # http://127.0.0.1:8000/\n"
-                              "  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'\n"
-                              "  HEADSTART_API_KEY=secret headstart serve model.onnx --port 9000\n"
-                              "routes and limits: docs/serve.md", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "serve", "an HTTP service (and a page at /) for a run or an exported ONNX file")
     p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")
     _add_config_args(p, ServeConfig)
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
-    p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")
-    p.add_argument("--per-class", type=int, default=60, help="images per class to use (default: %(default)s)")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p = _command(sub, "demo", "offline end to end: digits as PNG folders -> train -> evaluate -> predict")
+    p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run")
+    p.add_argument("--per-class", type=int, default=60, help="images per class to use")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name (headstart backbones)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -338,14 +474,28 @@ def error_message(exc: BaseException) -> str:
     return "error: " + " ".join(text.split())  # one line, whatever the message held
 
 
+@contextlib.contextmanager
+def _log_above_progress_bars():
+    """Log lines go through tqdm while a command runs, so in a terminal each one gets a line of its own instead
+    of landing inside a progress bar's line."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(tqdm_class=tqdm):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv``; returns the exit code (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
+    # huggingface_hub prints through a handler of its own; passed on to ours too, each line would show twice
+    logging.getLogger("huggingface_hub").propagate = False
     try:
-        args.func(args)
+        with _log_above_progress_bars():
+            args.func(args)
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()

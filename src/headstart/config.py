@@ -109,8 +109,8 @@ class BackboneConfig:
     """Which backbone, with which weights, at which input size."""
 
     backbone: str = option("efficientnet_lite0", "registry name (`headstart backbones`) or timm:<model>")
-    weights: str | None = option("imagenet", "weights file (safetensors or a PyTorch state dict); default: ImageNet "
-                                 "from a package or the hub", metavar="FILE")
+    weights: str | None = option("imagenet", "weights file (safetensors or a PyTorch state dict), or imagenet: from "
+                                 "a package or the hub", metavar="FILE")
     input_size: int | None = option(None, "image side in pixels (default: the weights' own)", type=int)
 
 

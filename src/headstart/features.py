@@ -72,6 +72,7 @@ class Extraction:
     cached: int = 0                   # images served from the cache
     # (image, damaged cache entry, why); image None: a shard with an unreadable header, whose images are unknown
     recomputed: list[tuple[str | None, str, str]] = field(default_factory=list)
+    views: int = 1                    # views of each image that ``computed`` and ``cached`` count (TTA: 2)
 
 
 def extract_features(

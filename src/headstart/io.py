@@ -11,11 +11,27 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_text"]
+__all__ = ["atomic_write", "write_json", "write_text", "FILE_MODE"]
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+        os.umask(mask)
+        return mask
+
+
+# what open() gives a new file; libraries that write through a private temporary file (safetensors) make it
+# owner-only, and a run's files should all be readable alike
+FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one.
+    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one; the file
+    gets ``FILE_MODE`` (a plain new file's permissions), whoever wrote it.
 
     The temporary name is unique per process and thread (no two writes of one path overlap in a thread),
     which costs less than ``mkstemp``'s random draw and file creation.
@@ -25,6 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         write(str(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -9,8 +9,6 @@ The model is an ``ImageModel`` or an exported ``OnnxModel``: both give a feature
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -18,26 +16,14 @@ import torch
 
 from .cache import FeatureCache
 from .data.augment import FlipView
-from .data.images import ImageSource, is_image_name, is_junk_name, load_pixels, source_name
+from .data.images import ImageSource, load_pixels, source_name
+from .data.inputs import collect_images
 from .data.transforms import EvalTransform, decode_size
+from .errors import ConfigError
 from .features import Extraction, extract_features
 from .hardware import Hardware
 
 __all__ = ["Predictor", "collect_images"]
-
-
-def collect_images(inputs: Iterable[ImageSource]) -> list[ImageSource]:
-    """Paths as given, folders expanded recursively to their image files (sorted, hidden ones skipped);
-    bytes, pictures and arrays pass through."""
-    out: list[ImageSource] = []
-    for item in inputs:
-        if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not is_junk_name(d))
-                out += [Path(dirpath) / f for f in sorted(filenames) if not is_junk_name(f) and is_image_name(f)]
-        else:
-            out.append(Path(item) if isinstance(item, (str, os.PathLike)) else item)  # always tried; bad: a row
-    return out
 
 
 class Predictor:
@@ -72,20 +58,22 @@ class Predictor:
                       names: Sequence[str] | None = None):
         """``(probs (N, n_classes) with NaN rows for unreadable images, errors {index: reason}, extraction)``.
 
-        ``extraction.computed`` counts every image through the backbone, in every view. Over more than
-        ``chunk`` images the extraction's ``features`` are empty.
+        ``extraction.computed`` and ``extraction.cached`` count backbone passes and cache hits over every view
+        (with ``tta``, each image is seen twice: ``extraction.views`` is 2). Over more than ``chunk`` images the
+        extraction's ``features`` are empty.
         """
         names = list(names) if names is not None else [source_name(im, f"<image {i}>") for i, im in enumerate(images)]
         probs = np.full((len(images), len(self.classes)), np.nan, dtype=np.float32)
-        parts, passes = [], 0
+        parts, computed, cached = [], 0, 0
+        views = self._views()
         for start in range(0, max(1, len(images)), self.chunk):
             part = images[start:start + self.chunk]
-            for v, transform in enumerate(self._views()):
+            for v, transform in enumerate(views):
                 ex = extract_features(self.model.feature_source, part, cache, transform=transform,
                                       batch_size=self.batch_size, runner=self.runner, progress=progress,
-                                      desc="predict", pool=self.model.feature_pool,
-                                      names=names[start:start + self.chunk])
-                passes += ex.computed
+                                      desc="predict" if v == 0 else "predict (mirrored)",
+                                      pool=self.model.feature_pool, names=names[start:start + self.chunk])
+                computed, cached = computed + ex.computed, cached + ex.cached
                 if ex.ok:
                     rows = [start + i for i in ex.ok]
                     p = self.model.scores(ex.features)
@@ -93,19 +81,23 @@ class Predictor:
                 if v == 0:
                     parts.append((start, ex))
         merged = parts[0][1] if len(parts) == 1 else _merged(parts)
-        merged.computed = passes
+        merged.computed, merged.cached, merged.views = computed, cached, len(views)
         return probs, merged.failed, merged
 
     def predict(self, inputs: Iterable[ImageSource], top_k: int = 1, progress=None) -> list[dict]:
         """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``; folders
         are expanded to their images."""
-        images = collect_images(inputs)
-        return self.predict_images(images, top_k=top_k, progress=progress)
+        return self.predict_images(collect_images(inputs), top_k=top_k, progress=progress)
 
     def predict_images(self, images: Sequence[ImageSource], names: Sequence[str] | None = None, top_k: int = 1,
                        progress=None) -> list[dict]:
         """``predict``'s rows for in-memory images (bytes, file objects, pictures, arrays) or paths, named by
-        ``names`` in the rows' ``path`` (default: their paths, or ``<image i>``)."""
+        ``names`` in the rows' ``path`` (default: their paths, or ``<image i>``).
+
+        Raises:
+            ConfigError: ``top_k`` below 1.
+        """
+        _check_top_k(top_k)
         names = list(names) if names is not None else [source_name(im, f"<image {i}>") for i, im in enumerate(images)]
         probs, errors, _ = self.probabilities(images, progress=progress, names=names)
         return [self.row(name, probs[i], errors.get(i), top_k) for i, name in enumerate(names)]
@@ -142,6 +134,12 @@ class Predictor:
             p = self.model.scores(feats)
             out = p if out is None else (out * v + p) / (v + 1)
         return out
+
+
+def _check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k must be a whole number of at least 1, got {top_k!r} (--top-k 1 gives the best "
+                          "class, --top-k 3 the three most probable)")
 
 
 def _merged(parts: list[tuple[int, Extraction]]) -> Extraction:

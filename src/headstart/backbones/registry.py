@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,6 +90,9 @@ def get(name: str) -> BackboneEntry:
         if name.startswith(prefix):
             return make_entry(name[len(prefix):])
     prefixes = "".join(f", or any model as '{p}<name>'" for p in _PROVIDERS)
+    close = difflib.get_close_matches(name, names(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownBackboneError(
-        f"Unknown backbone {name!r}. Known: {', '.join(names())}{prefixes}. Run `headstart backbones` to see them."
+        f"Unknown backbone {name!r}.{hint} Known: {', '.join(names())}{prefixes}. Run `headstart backbones` to see "
+        "them."
     )

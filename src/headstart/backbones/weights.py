@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsMismatchError, WeightsUnavailableError
+from . import hub
 from .registry import DataConfig, WeightSource
 
 __all__ = [
@@ -30,13 +31,21 @@ _PARAM_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "nu
 
 
 def timm_hub_source(timm_name: str, keep_prefix: str = "", **create_kwargs) -> WeightSource:
-    """Weights fetched (or found in the local cache) by timm through huggingface_hub."""
+    """Weights that timm gets through huggingface_hub: from its local cache without a network call, else
+    downloaded, but only when the hub answers (``hub.unreachable``), so a missing network fails in seconds."""
 
     def load() -> dict:
         import timm
 
+        path = hub.cached_file(timm_name)
+        if path is None:
+            why = hub.unreachable()
+            if why is not None:
+                raise WeightsUnavailableError(f"{timm_name!r} is not in the local hub cache and cannot be "
+                                              f"downloaded: {why}")
         try:
-            model = timm.create_model(timm_name, pretrained=True, **create_kwargs)
+            model = timm.create_model(timm_name, pretrained=True,
+                                      pretrained_cfg_overlay={"file": path} if path else None, **create_kwargs)
         except Exception as exc:  # network, missing cache, hub errors: all mean "not available here"
             raise WeightsUnavailableError(
                 f"could not get {timm_name!r} from the hub ({type(exc).__name__}: {str(exc)[:200]})"
@@ -48,17 +57,7 @@ def timm_hub_source(timm_name: str, keep_prefix: str = "", **create_kwargs) -> W
 
     def available() -> bool:
         try:
-            import timm
-            from huggingface_hub import try_to_load_from_cache
-
-            hf_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
-            if not hf_id:
-                return False
-            repo = hf_id.split("/")[0] + "/" + hf_id.split("/")[1] if "/" in hf_id else hf_id
-            return any(
-                isinstance(try_to_load_from_cache(repo, f), str)
-                for f in ("model.safetensors", "pytorch_model.bin")
-            )
+            return hub.cached_file(timm_name) is not None
         except Exception:  # an availability probe never fails the caller
             return False
 

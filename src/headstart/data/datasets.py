@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .images import is_image_name, is_junk_name
+from .files import is_image_name, is_junk_name
 
 __all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "load_dataset", "load_splits"]
 
@@ -86,8 +86,8 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
     """One sub-folder per class under ``root``; ``classes`` fixes the index order (from training).
 
     Raises:
-        DatasetError: ``root`` is missing, has under two classes, an empty class, classes whose
-            names differ only in case, or a class that ``classes`` lacks.
+        DatasetError: ``root`` is missing, has under two classes (no class folder at all, with ``classes``),
+            an empty class, classes whose names differ only in case, or a class that ``classes`` lacks.
     """
     root = Path(root)
     if not root.is_dir():
@@ -106,7 +106,15 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
             raise DatasetError(f"{str(root)!r} has {len(classes)} class folder(s) {found}; a classifier needs at "
                                "least two. Put each class's images in its own sub-folder.")
     else:
+        if not found:
+            raise DatasetError(f"{str(root)!r} has no class folders; labelled data needs one sub-folder per class, "
+                               f"as in training ({', '.join(classes)}). To classify loose images, use "
+                               f"`headstart predict RUN {root}`.")
         extra = sorted(set(found) - set(classes))
+        splits = [e for e in extra if e in ("train", "test", *_VAL_NAMES)]
+        if splits:
+            raise DatasetError(f"{str(root)!r} holds the split folder(s) {splits}, not class folders; pass one of "
+                               f"them, e.g. {str(root / splits[-1])!r}")
         by_case = {c.lower(): c for c in classes}
         near = [f"{e!r} (training has {by_case[e.lower()]!r})" for e in extra if e.lower() in by_case]
         if near:

@@ -27,28 +27,16 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
+from .files import IMAGE_EXTENSIONS, is_image_name, is_junk_name
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSource", "MAX_FILE_BYTES", "load_image", "load_pixels", "read_source",
            "content_digest", "source_name", "is_image_name", "is_junk_name"]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 _FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}  # MPO: phones' multi-picture JPEGs
 # a photo is a few MB; a file far beyond that is not an image worth the memory of reading it whole
 MAX_FILE_BYTES = int(os.environ.get("HEADSTART_MAX_IMAGE_MB", "100")) * 1_000_000
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
-
-
-_JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
-
-
-def is_junk_name(name: str) -> bool:
-    """Hidden files and folders and OS debris (``.DS_Store``, ``__MACOSX``, ``.ipynb_checkpoints``...)."""
-    return name.startswith(".") or name in _JUNK_NAMES
-
-
-def is_image_name(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def source_name(src: ImageSource, default: str = "<image>") -> str:
@@ -157,7 +145,8 @@ def load_pixels(src: ImageSource, min_size: int | None = None, name: str | None 
     data = read_source(src)
     name = name or source_name(src)
     if isinstance(data, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(_checked_array(data, name))).permute(2, 0, 1)
+        # a copy: the caller's array (perhaps read-only, as np.asarray of a picture is) is never shared
+        return torch.from_numpy(np.array(_checked_array(data, name), order="C")).permute(2, 0, 1)
     if isinstance(data, Image.Image):
         return torch.from_numpy(np.array(_to_rgb(data), dtype=np.uint8)).permute(2, 0, 1)
     with _reading(data, name) as im:

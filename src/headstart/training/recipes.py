@@ -110,8 +110,12 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     for row in history:
         row["stage"] = "head"
     if upper is not None:
-        history += _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
-                             progress, hardware)
+        stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
+                           progress, hardware)
+        if any(row["best"] for row in stage2):  # the saved weights are one epoch's, across both stages
+            for row in history:
+                row["best"] = False
+        history += stage2
         backbone.freeze().eval()
         # new weights, new identity: cached features and exported graphs of the old ones must not be reused
         backbone.weights_digest = state_digest(backbone.body.state_dict())
