@@ -61,8 +61,9 @@ HF_HUB_OFFLINE=1 keeps headstart and huggingface_hub from asking the hub at all
 COMMAND_EXAMPLES = {
     "serve": """
   headstart serve run                               # http://127.0.0.1:8000/ (a page, and the API)
+  headstart serve model.onnx --port 9000 --max-batch 16     # an exported model; routes and limits: docs/serve.md
+  HEADSTART_API_KEY=secret headstart serve run      # every request needs the key (header X-API-Key)
   curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'
-  HEADSTART_API_KEY=secret headstart serve model.onnx --port 9000   # routes and limits: docs/serve.md
 """,
     "backbones": """
   headstart backbones                               # names, input sizes, whether ImageNet weights are local
