@@ -33,6 +33,9 @@ EXAMPLES = """examples:
   headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing
   headstart predict model.onnx new_photos/
   headstart predict run -- -photo-with-leading-dash.jpg
+  headstart shard photos/ --out shards/ --max-count 1000    # tar shards (webdataset layout) + dataset.json
+  headstart train 'shards/train-{000000..000009}.tar' --out run   # val/test shards are found beside them
+  torchrun --nproc-per-node 2 -m headstart train photos/ --out run  # extraction spread over 2 processes
 
 exit codes:
   0    ok (unreadable images are skipped and listed; they do not fail a run)
@@ -192,6 +195,24 @@ def _cmd_export(args) -> None:
     print(f"use it with: headstart predict {out} IMAGES...")
 
 
+def _cmd_shard(args) -> None:
+    from .config import ShardConfig
+    from .data.datasets import shard_dataset
+    from .data.shards import shard_pattern
+
+    manifest = shard_dataset(args.data, args.out, ShardConfig(max_count=args.max_count))
+    for split, part in manifest["splits"].items():
+        print(f"{split}: {part['images']} images in {len(part['shards'])} shard(s): "
+              f"{Path(args.out) / shard_pattern(part['shards'])}")
+    for path, reason in manifest["skipped"][:10]:
+        print(f"  left out {path}: {reason}")
+    if manifest["skipped"]:
+        print(f"left out {len(manifest['skipped'])} unreadable file(s) (listed in {Path(args.out) / 'dataset.json'})")
+    train = manifest["splits"]["train"]["shards"]
+    print(f"classes: {', '.join(manifest['classes'])}")
+    print(f"train with: headstart train '{Path(args.out) / shard_pattern(train)}' --out RUN")
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -290,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", help="file to write (default: RUN/model.onnx)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("shard", help="write an image folder or CSV as tar shards (webdataset layout) for training "
+                                      "at scale")
+    p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
+    p.add_argument("--out", required=True, help="folder to write the shards and dataset.json to (empty or new)")
+    p.add_argument("--max-count", type=int, default=1000, help="most images per shard; a rank reads whole shards, "
+                                                               "so make at least as many as ranks (default: %(default)s)")
+    p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run (default: %(default)s)")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data.augment import FlipView
 from .data.pipeline import decoded_batches, default_decode_threads
+from .data.shards import ShardMember, shard_images
 from .data.transforms import EvalTransform, decode_size
 from .engines import LazyRunner
 from .errors import ConfigError
@@ -26,12 +27,15 @@ from .features import Extraction, FeatureCache, default_threads, extract_feature
 __all__ = ["Predictor", "collect_images"]
 
 
-def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded recursively to their image files (sorted, hidden ones skipped)."""
-    out: list[Path] = []
+def collect_images(inputs: Iterable[str | Path]) -> list[Path | ShardMember]:
+    """Files as given, folders expanded recursively to their image files (sorted, hidden ones skipped), tar
+    shards (a ``.tar`` file or pattern) to the images in them."""
+    out: list[Path | ShardMember] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if str(item).endswith(".tar"):
+            out += shard_images(item)
+        elif p.is_dir():
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not is_junk_name(d))
                 out += [Path(dirpath) / f for f in sorted(filenames) if not is_junk_name(f) and is_image_name(f)]
