@@ -18,6 +18,7 @@ from .backbones import registry
 from .backbones.base import create_backbone
 from .data.datasets import Dataset, load_dataset, load_splits
 from .data.suspects import find_suspects
+from .distributed import join
 from .engines import LazyRunner
 from .errors import ConfigError, NotFittedError
 from .evaluation import classification_metrics
@@ -115,11 +116,18 @@ class ImageClassifier:
         With ``out``, checkpoints go to ``out/checkpoints`` as training runs, and ``resume=True`` continues
         from them (feature extraction resumes from the cache).
 
+        Under ``torchrun`` (``torchrun --nproc-per-node N script.py``), every rank calls ``fit``: the ranks share
+        the extraction (and fine-tuning), rank 0 ends with the trained classifier, and the others with ``rank_``
+        set and no model (``save`` writes nothing there).
+
         Raises:
             DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
                 or a class left with no readable image.
         """
         t_start = time.perf_counter()
+        dist = join("cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+                    else "cpu")
+        self.rank_ = dist.rank
         splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
         classes = splits.train.classes
         head_config = self._configs()["head"].resolved(registry.get(self.backbone).default_head)
@@ -137,7 +145,9 @@ class ImageClassifier:
             cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
         result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
-                              progress=self.progress, engine=self.engine)
+                              progress=self.progress if dist.primary else False, engine=self.engine, dist=dist)
+        if not dist.primary:  # rank 0 holds the result and writes the run
+            return self
         self.model_ = ImageModel(backbone, head, classes).eval()
         self.classes_ = list(classes)
         self.history_ = result.history
@@ -183,6 +193,9 @@ class ImageClassifier:
 
     # -- using a trained model ------------------------------------------------------------------
     def _check(self):
+        if not hasattr(self, "model_") and getattr(self, "rank_", 0) != 0:
+            raise NotFittedError(f"This process is rank {self.rank_} of a torchrun group; rank 0 holds the trained "
+                                 "classifier and writes the run folder.")
         if not hasattr(self, "model_"):
             raise NotFittedError("This ImageClassifier is not trained yet; call .fit(data) or headstart.load(run).")
 
@@ -217,7 +230,10 @@ class ImageClassifier:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
-        """Write the run folder (safetensors + JSON + history CSV); returns its path."""
+        """Write the run folder (safetensors + JSON + history CSV); returns its path. On torchrun ranks other
+        than 0 (``rank_``), writes nothing: rank 0 writes the run."""
+        if getattr(self, "rank_", 0) != 0:
+            return Path(out)
         self._check()
         if isinstance(self.model_, OnnxModel):
             raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "

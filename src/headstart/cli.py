@@ -104,8 +104,9 @@ def _cmd_train(args) -> None:
 
     check_output_folder(args.out)  # before the data scan and feature extraction, not after
     clf = _classifier_from_args(args).fit(args.data, val=args.val, test=args.test, out=args.out, resume=args.resume)
-    clf.save(args.out)
-    _print_train_report(clf, args.out)
+    if clf.rank_ == 0:  # under torchrun, the other ranks only helped
+        clf.save(args.out)
+        _print_train_report(clf, args.out)
 
 
 def _print_train_report(clf, out) -> None:
