@@ -121,7 +121,7 @@ def dirty(tmp_path_factory):
 
 
 def _skipped(clf) -> dict[str, str]:
-    return {Path(p).name: reason for p, reason in clf.report_["skipped_unreadable"]}
+    return {Path(p).name: reason for p, reason in clf.report_.skipped_unreadable}
 
 
 SKIPPED = {"zero-byte.jpg": "empty file", "truncated.jpg": "truncated", "page.jpg": "not a readable image",
@@ -143,8 +143,8 @@ def test_the_run_goes_on_and_learns_despite_the_dirt(dirty):
     converted = [n for n, o in outcomes.items() if o == "converted"]
     # every convertible file was used: 8 blue + converted, 8 red; in val 4 + 4 through the backbone and
     # the copy of a train image from the cache (same content, same features)
-    assert clf.report_["backbone_passes"] == {"train": 8 + len(converted) + 8, "val": 8}
-    assert clf.report_["from_cache"] == {"train": 0, "val": 1}
+    assert clf.report_.backbone_passes == {"train": 8 + len(converted) + 8, "val": 8}
+    assert clf.report_.from_cache == {"train": 0, "val": 1}
     assert clf.metrics_["val"]["accuracy"] == 1.0
     assert clf.classes_ == ["blue", "red"]  # no hidden folder became a class
 
@@ -212,7 +212,7 @@ def test_symlink_loop_and_broken_link_are_reported_not_followed(dirty):
     ignored = json.loads((run / "data.json").read_text())["ignored"]
     assert any(p.endswith("loop") and "symlink loop" in r for p, r in ignored)
     assert any(p.endswith("dangling.png") and "broken link" in r for p, r in ignored)
-    assert clf.report_["train_counts"]["red"] == 8  # each red image counted once
+    assert clf.report_.train_counts["red"] == 8  # each red image counted once
 
 
 def test_hidden_files_and_folders_are_passed_over(dirty):

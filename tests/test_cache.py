@@ -69,7 +69,7 @@ def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, ho
     cache = shutil.copytree(pristine, tmp_path / "cache")
     kw = kw | {"cache": cache}
     entries = _shard_entries(cache)
-    assert len(entries) == 8 and first.report_["cache_recomputed"] == []
+    assert len(entries) == 8 and first.report_.cache_recomputed == []
     shard = max({s for s, _ in entries}, key=lambda s: sum(x == s for x, _ in entries))  # the train batch's
     members = [d for s, d in entries if s == shard]
     victim, ns = members[1], shard.parent.name
@@ -77,8 +77,8 @@ def test_damaged_entry_is_detected_reported_and_recomputed(trained, tmp_path, ho
     _damage(shard, how, victim)
 
     again = headstart.ImageClassifier(**kw).fit(data)
-    recomputed = again.report_["cache_recomputed"]
-    passes = again.report_["backbone_passes"]["train"] + again.report_["backbone_passes"]["val"]
+    recomputed = again.report_.cache_recomputed
+    passes = again.report_.backbone_passes["train"] + again.report_.backbone_passes["val"]
     if how == "flipped":
         assert [r["entry"] for r in recomputed] == [f"{shard}#{victim}"] and passes == 1
     elif how == "truncated":
@@ -195,7 +195,7 @@ def test_unwritable_cache_folder_fails_before_extraction(tmp_path, monkeypatch, 
 def test_no_cache_needs_no_room(tmp_path, monkeypatch, image_folder):
     monkeypatch.setattr(headstart.cache.shutil, "disk_usage", _must_not_run)
     clf = headstart.ImageClassifier(**FAST, cache=False).fit(image_folder)
-    assert clf.report_["backbone_passes"] == {"train": 16, "val": 8}
+    assert clf.report_.backbone_passes == {"train": 16, "val": 8}
 
 
 def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, monkeypatch, image_folder):
@@ -213,7 +213,7 @@ def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, monkeypat
     monkeypatch.setattr(headstart.cache.os, "fdopen", disk_full)
     clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
     assert clf.metrics_["val"]["accuracy"] == 1.0
-    assert "No space left" in clf.report_["cache_write_error"]
+    assert "No space left" in clf.report_.cache_write_error
     assert len(calls) == 1  # tried once, then the run went on without storing
     assert _entries(tmp_path / "c") == [] and not list((tmp_path / "c").rglob("*.tmp"))
 
@@ -241,7 +241,7 @@ def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
     monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     again = headstart.ImageClassifier(**kw).fit(image_folder)
-    assert again.report_["from_cache"] == {"train": 16, "val": 8}
+    assert again.report_.from_cache == {"train": 16, "val": 8}
 
 
 def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_folder):

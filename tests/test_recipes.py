@@ -43,9 +43,9 @@ def test_augmented_views_are_fixed_per_image_and_differ_between_views():
 
 def test_frozen_aug_caches_its_views(image_folder):
     first = headstart.ImageClassifier(**FAST, strategy="frozen-aug", views=3).fit(image_folder)
-    assert first.report_["backbone_passes"] == {"train": 16 * 4, "val": 8}  # eval view + 3 augmented
+    assert first.report_.backbone_passes == {"train": 16 * 4, "val": 8}  # eval view + 3 augmented
     again = headstart.ImageClassifier(**FAST, strategy="frozen-aug", views=3, head="avg").fit(image_folder)
-    assert again.report_["backbone_passes"] == {"train": 0, "val": 0}
+    assert again.report_.backbone_passes == {"train": 0, "val": 0}
     assert first.metrics_["val"]["accuracy"] == 1.0
 
 

@@ -51,7 +51,7 @@ def suspect_folder(tmp_path) -> Path:
 
 def test_suspects_are_flagged_listed_and_kept(suspect_folder, tmp_path):
     clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(suspect_folder)
-    rows = {Path(r["path"]).name: r for r in clf.report_["suspect_images"]}
+    rows = {Path(r["path"]).name: r for r in clf.report_.suspect_images}
     assert set(rows) == {"imageNotFound.gif", "black-frame.jpg", "red_0.png", "red_0 copy.png", "blue_1.png",
                          "looks-blue.png"}
     assert "placeholder" in rows["imageNotFound.gif"]["reason"] and rows["imageNotFound.gif"]["class"] == "blue"
@@ -60,10 +60,10 @@ def test_suspects_are_flagged_listed_and_kept(suspect_folder, tmp_path):
     assert "also labelled ['red']" in rows["blue_1.png"]["reason"]
     assert "also labelled ['blue']" in rows["looks-blue.png"]["reason"]
     # kept: every file went into training (6 + 1 blue, 6 + 3 red), nothing skipped
-    assert clf.report_["skipped_unreadable"] == []
-    assert sum(clf.report_["backbone_passes"].values()) + sum(clf.report_["from_cache"].values()) == 16 + 4
+    assert clf.report_.skipped_unreadable == []
+    assert sum(clf.report_.backbone_passes.values()) + sum(clf.report_.from_cache.values()) == 16 + 4
     run = clf.save(tmp_path / "run")
-    assert json.loads((run / "data.json").read_text())["suspect_images"] == clf.report_["suspect_images"]
+    assert json.loads((run / "data.json").read_text())["suspect_images"] == clf.report_.suspect_images
 
 
 def test_suspects_reach_the_cli(suspect_folder, tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_the_demo_digits_raise_no_flag(tmp_path):
     assert _suspects_of(root) == []
     small = write_digits(tmp_path / "small", per_class=4, val_per_class=2)
     clf = headstart.ImageClassifier(**FAST, cache=False).fit(small)
-    assert clf.report_["suspect_images"] == []
+    assert clf.report_.suspect_images == []
 
 
 def test_a_blank_frame_among_grayscale_digits_is_still_flagged(tmp_path):
@@ -100,5 +100,5 @@ def test_train_val_duplicates_are_found_without_a_cache(tmp_path):
     root = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
     shutil.copy(root / "train" / "red" / "red_2.png", root / "val" / "red" / "again.png")
     clf = headstart.ImageClassifier(**FAST, cache=False).fit(root)
-    assert [[Path(a).name, Path(b).name] for a, b in clf.report_["train_val_duplicates"]] == [["red_2.png",
+    assert [[Path(a).name, Path(b).name] for a, b in clf.report_.train_val_duplicates] == [["red_2.png",
                                                                                                "again.png"]]

@@ -19,11 +19,11 @@ def test_fit_learns_the_classes_and_reports_backbone_passes(image_folder):
     clf = headstart.ImageClassifier(**FAST).fit(image_folder)
     assert clf.classes_ == ["blue", "red"]
     assert clf.metrics_["val"]["accuracy"] == 1.0
-    assert clf.report_["backbone_passes"] == {"train": 16, "val": 8}
+    assert clf.report_.backbone_passes == {"train": 16, "val": 8}
     # a second training with another head reads every feature from the cache
     again = headstart.ImageClassifier(**FAST | {"head": "avg"}).fit(image_folder)
-    assert again.report_["backbone_passes"] == {"train": 0, "val": 0}
-    assert again.report_["from_cache"] == {"train": 16, "val": 8}
+    assert again.report_.backbone_passes == {"train": 0, "val": 0}
+    assert again.report_.from_cache == {"train": 16, "val": 8}
 
 
 def test_same_seed_same_model(image_folder):
@@ -37,7 +37,7 @@ def test_same_seed_same_model(image_folder):
 def test_unreadable_files_are_skipped_and_listed(image_folder):
     (image_folder / "train" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
     clf = headstart.ImageClassifier(**FAST).fit(image_folder)
-    assert [p for p, _ in clf.report_["skipped_unreadable"]] == [str(image_folder / "train" / "red" / "broken.jpg")]
+    assert [p for p, _ in clf.report_.skipped_unreadable] == [str(image_folder / "train" / "red" / "broken.jpg")]
     assert clf.metrics_["val"]["accuracy"] == 1.0
 
 

@@ -15,21 +15,21 @@ import numpy as np
 import torch
 
 from .backbones import registry
-from .backbones.base import create_backbone
-from .data.datasets import Dataset, load_dataset, load_splits
+from .backbones.base import Backbone, create_backbone
+from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
+from .data.datasets import Dataset, Splits, load_dataset, load_splits
 from .data.suspects import find_suspects
 from .distributed import join
-from .engines import LazyRunner
 from .errors import ConfigError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
-from .features import FeatureCache, cache_key, default_threads, features_shape
-from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
+from .features import FeatureCache, cache_key, features_shape
+from .hardware import Hardware, default_threads
 from .heads import Head
 from .model import ImageModel
 from .predict import Predictor
-from .runs import load_model, save_model, write_history, write_json
-from .training.recipes import feature_pool, train_recipe
+from .runs import RunReport, load_model, save_model, write_history, write_json
+from .training.recipes import TrainResult, feature_pool, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -102,19 +102,16 @@ class ImageClassifier:
             return None
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
 
-    def _runner(self, backbone) -> LazyRunner:
-        # one runner per backbone and engine, made on the first image not in the cache
-        cached = getattr(self, "_runner_", None)
-        if cached is None or cached.backbone is not backbone or cached.requested != self.engine:
-            self._runner_ = LazyRunner(backbone, self.engine, cache=self._feature_cache())
-        return self._runner_
+    def _hardware(self) -> Hardware:
+        hardware = Hardware.resolve(self.device)
+        return join(hardware.device).share(hardware).apply()  # under torchrun, a rank takes its share of the cores
 
     def fit(self, data: str | Path, val: str | Path | None = None, test: str | Path | None = None, *,
             out: str | Path | None = None, resume: bool = False) -> "ImageClassifier":
         """Train on ``data`` (see ``load_splits`` for layouts); returns ``self``.
 
         With ``out``, checkpoints go to ``out/checkpoints`` as training runs, and ``resume=True`` continues
-        from them (feature extraction resumes from the cache).
+        from them (feature extraction resumes from the cache). What the training did is in ``report_``.
 
         Under ``torchrun`` (``torchrun --nproc-per-node N script.py``), every rank calls ``fit``: the ranks share
         the extraction (and fine-tuning), rank 0 ends with the trained classifier, and the others with ``rank_``
@@ -125,65 +122,36 @@ class ImageClassifier:
                 or a class left with no readable image.
         """
         t_start = time.perf_counter()
-        dist = join("cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-                    else "cpu")
+        configs = self._configs()
+        hardware = self._hardware()
+        dist = join(hardware.device)
         self.rank_ = dist.rank
         splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
-        classes = splits.train.classes
-        head_config = self._configs()["head"].resolved(registry.get(self.backbone).default_head)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
-                 self.recipe.strategy)
-        head = Head(head_config, backbone.feature_shape, len(classes))
+                 configs["recipe"].strategy)
+        head = Head(configs["head"].resolved(backbone.entry.default_head), backbone.feature_shape,
+                    len(splits.train.classes))
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
-            views = 1 + (self.recipe.views if self.recipe.strategy != "frozen" else 0)
-            n_images = sum(len(d) * (views if d is splits.train else 1)
-                           for d in (splits.train, splits.val, splits.test) if d is not None)
-            pool = feature_pool(self.recipe, head)
-            cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
-        result = train_recipe(self.recipe, backbone, splits, head, self.train_config, cache,
+            _check_cache_room(cache, configs["recipe"], backbone, head, splits)
+        result = train_recipe(configs["recipe"], backbone, splits, head, configs["train"], cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
-                              progress=self.progress if dist.primary else False, engine=self.engine, dist=dist)
+                              progress=self.progress if dist.primary else False, engine=self.engine,
+                              hardware=hardware, dist=dist)
         if not dist.primary:  # rank 0 holds the result and writes the run
             return self
-        self.model_ = ImageModel(backbone, head, classes).eval()
-        self.classes_ = list(classes)
+        self.model_ = ImageModel(backbone, head, splits.train.classes).eval()
+        self.classes_ = list(splits.train.classes)
         self.history_ = result.history
         self.metrics_ = {}
         if result.val_features is not None and len(result.val_ok):
-            y_va = splits.val.labels[result.val_ok]
-            self.metrics_["val"] = self._metrics(result.val_features, y_va)
+            self.metrics_["val"] = self._metrics(result.val_features, splits.val.labels[result.val_ok])
         if splits.test is not None:
             self.metrics_["test"] = self.evaluate(splits.test.root)
-        tr, va = result.train_extraction, result.val_extraction
-        suspects = _suspects(splits.train, tr) + (_suspects(splits.val, va) if va else [])
-        if suspects:
-            log.warning("%d suspect image(s) kept in the data (listed in data.json under suspect_images), e.g. %s: %s",
-                        len(suspects), suspects[0]["path"], suspects[0]["reason"])
-        duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
-        if duplicates:
-            log.warning("%d image(s) appear in both train and val (same content), e.g. %s; val accuracy will be "
-                        "optimistic", len(duplicates), duplicates[0])
-        self.report_ = {
-            "split": splits.split_note,
-            "classes": classes,
-            "recipe": self.recipe.to_dict(),
-            "train_counts": splits.train.counts(),
-            "val_counts": splits.val.counts() if splits.val is not None else {},
-            "skipped_unreadable": result.errors,
-            "ignored": splits.train.ignored,
-            "train_val_duplicates": duplicates,
-            "suspect_images": suspects,
-            "val_files": [str(p) for p in splits.val.paths] if splits.val is not None else [],
-            "cache_recomputed": [{"image": img, "entry": entry, "reason": why}
-                                 for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
-            "cache_write_error": cache.write_error if cache is not None else None,
-            "backbone_passes": result.passes,
-            "from_cache": result.cached,
-            "seconds": {"total": time.perf_counter() - t_start},
-        }
+        self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
+        self.report_.seconds["total"] = time.perf_counter() - t_start
         return self
 
     def _metrics(self, features: torch.Tensor, y) -> dict:
@@ -200,10 +168,14 @@ class ImageClassifier:
             raise NotFittedError("This ImageClassifier is not trained yet; call .fit(data) or headstart.load(run).")
 
     def predictor(self) -> Predictor:
+        """A ``Predictor`` over the trained model; one per classifier and engine, so its engine is built once."""
         self._check()
-        if isinstance(self.model_, OnnxModel):
-            return Predictor(self.model_, engine=self.engine, tta=self.tta)
-        return Predictor(self.model_, runner=self._runner(self.model_.backbone), tta=self.tta)
+        key = (id(self.model_), self.engine, self.device, self.tta)
+        if getattr(self, "_predictor_key", None) != key:
+            self._predictor_ = Predictor(self.model_, engine=self.engine, tta=self.tta, hardware=self._hardware(),
+                                         cache=self._feature_cache())
+            self._predictor_key = key
+        return self._predictor_
 
     def predict_proba(self, paths) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``, columns in ``classes_`` order; NaN rows for unreadable files."""
@@ -239,12 +211,14 @@ class ImageClassifier:
             raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "
                               "already saved. Save from the run folder it was exported from.")
         out = Path(out)
-        training = {"train_config": self.train_config.to_dict(), "val_fraction": self.val_fraction}
+        configs = self._configs()
+        training = {"train_config": configs["train"].to_dict(), "recipe": configs["recipe"].to_dict(),
+                    "val_fraction": self.val_fraction, "engine": self.engine, "weights": _weights_name(self.weights)}
         save_model(self.model_, out, training)
         write_json(out / "metrics.json", getattr(self, "metrics_", {}))
         write_history(out / "history.csv", getattr(self, "history_", []))
-        if getattr(self, "report_", None):
-            write_json(out / "data.json", self.report_)
+        if getattr(self, "report_", None) is not None:
+            write_json(out / "data.json", self.report_.data_json())
         return out
 
     @classmethod
@@ -260,7 +234,8 @@ class ImageClassifier:
             return clf
         model, config = load_model(run)
         clf = cls(backbone=config["backbone"]["name"], head=config["head"]["pool"],
-                  hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"])
+                  hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"],
+                  **_trained_with(config.get("training", {}), model.backbone.data_config.input_size))
         clf.model_, clf.classes_ = model, list(model.classes)
         clf.config_ = config
         return clf
@@ -270,6 +245,63 @@ def load(run: str | Path) -> ImageClassifier:
     """A trained classifier from a run folder, or from an ONNX file written by ``headstart export``
     (prediction and evaluation only; it runs on ONNX Runtime)."""
     return ImageClassifier.load(run)
+
+
+def _trained_with(training: dict, input_size: tuple[int, int]) -> dict:
+    """The ``ImageClassifier`` parameters a run was trained with, from its config's ``training`` part (older
+    runs lack some; those keep their defaults)."""
+    params = {"input_size": input_size[0] if input_size[0] == input_size[1] else tuple(input_size)}
+    if "weights" in training:
+        params["weights"] = training["weights"]
+    train = dict(training.get("train_config", {}))
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "class_weight", "label_smoothing", "seed"):
+        if name in train:
+            params[name] = train[name]
+    recipe = dict(training.get("recipe", {}))
+    for name in ("strategy", "views", "unfreeze", "finetune_epochs", "finetune_lr"):
+        if name in recipe:
+            params[name] = recipe[name]
+    if recipe.get("augment") and recipe.get("strategy") != "frozen":
+        params["augment"] = recipe["augment"]
+    if "val_fraction" in training:
+        params["val_fraction"] = training["val_fraction"]
+    return params
+
+
+def _weights_name(weights) -> str | None:
+    return None if weights is None else str(weights)
+
+
+def _check_cache_room(cache: FeatureCache, recipe: Recipe, backbone: Backbone, head: Head, splits: Splits) -> None:
+    views = 1 + (recipe.views if recipe.strategy != "frozen" else 0)
+    n_images = sum(len(d) * (views if d is splits.train else 1)
+                   for d in (splits.train, splits.val, splits.test) if d is not None)
+    pool = feature_pool(recipe, head)
+    cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
+
+
+def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backbone, cache: FeatureCache | None,
+            metrics: dict, history: list[dict]) -> RunReport:
+    tr, va = result.train_extraction, result.val_extraction
+    suspects = _suspects(splits.train, tr) + (_suspects(splits.val, va) if va else [])
+    if suspects:
+        log.warning("%d suspect image(s) kept in the data (listed in data.json under suspect_images), e.g. %s: %s",
+                    len(suspects), suspects[0]["path"], suspects[0]["reason"])
+    duplicates = _shared_images(splits.train, tr.digests, splits.val, va.digests if va else [])
+    if duplicates:
+        log.warning("%d image(s) appear in both train and val (same content), e.g. %s; val accuracy will be "
+                    "optimistic", len(duplicates), duplicates[0])
+    return RunReport(
+        split=splits.split_note, classes=list(splits.train.classes), recipe=recipe.to_dict(),
+        backbone=backbone.identity(), train_counts=splits.train.counts(),
+        val_counts=splits.val.counts() if splits.val is not None else {},
+        skipped_unreadable=result.errors, ignored=splits.train.ignored, train_val_duplicates=duplicates,
+        suspect_images=suspects, val_files=[str(p) for p in splits.val.paths] if splits.val is not None else [],
+        cache_recomputed=[{"image": img, "entry": entry, "reason": why}
+                          for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
+        cache_write_error=cache.write_error if cache is not None else None,
+        backbone_passes=result.passes, from_cache=result.cached,
+        best=next((h for h in history if h.get("best")), history[-1] if history else {}), metrics=metrics)
 
 
 def _suspects(ds: Dataset, ex) -> list[dict]:

@@ -6,9 +6,9 @@
 
 Entries live under ``root/<namespace>/`` (one namespace per ``features.cache_key``). A batch of entries is one
 shard file, ``<namespace>/<name>.safetensors``, holding one tensor per image content digest and, in its header,
-each tensor's own SHA-256. Creating a file costs the kernel about as much as writing 250 kB into it: storing
-efficientnet_lite0's maps in a file per image took 1.3-1.6 ms of CPU per image during extraction (an eighth of
-the backbone's), in a file per batch of 32 0.7 ms. Single-entry files ``<namespace>/<xx>/<digest>.safetensors``
+each tensor's own SHA-256. Creating a file costs the kernel about as much as writing a feature map into it, so
+a file per batch costs far less than a file per image (docs/cache.md). Single-entry files
+``<namespace>/<xx>/<digest>.safetensors``
 (``put``, and caches written before shards) are read as well.
 """
 
@@ -22,9 +22,8 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import StorageError
+from .io import atomic_write
 
-__all__ = ["ENTRY_FORMAT", "FeatureCache", "atomic_write", "entry_bytes"]
+__all__ = ["ENTRY_FORMAT", "FeatureCache", "entry_bytes"]
 
 log = logging.getLogger("headstart")
 
@@ -48,22 +48,6 @@ def _tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
     h.update(np.ascontiguousarray(t.numpy()))  # hashed in place, no bytes copy
     return h.hexdigest()[:32]
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a reader sees the old file or the new one.
-
-    The temporary name is unique per process and thread (no two writes of one path overlap in a thread),
-    which costs less than ``mkstemp``'s random draw and file creation.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_entry(path: Path, data: bytes) -> None:

@@ -15,9 +15,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ShardConfig, SplitConfig, TrainConfig,
+                     cli_fields)
 from .errors import HeadstartError
 
-__all__ = ["main", "error_message", "build_parser"]
+__all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
+
+# the configs whose fields are `headstart train`'s flags and ImageClassifier's parameters
+TRAIN_CONFIGS = (BackboneConfig, HeadConfig, TrainConfig, Recipe, SplitConfig, EngineConfig)
 
 EXAMPLES = """examples:
   headstart demo                                   # offline end-to-end run on scikit-learn's digits
@@ -89,14 +94,9 @@ def _cmd_summary(args) -> None:
 def _classifier_from_args(args):
     from .api import ImageClassifier
 
-    return ImageClassifier(
-        backbone=args.backbone, weights=None if args.random_init else (args.weights or "imagenet"), input_size=args.input_size, head=args.head,
-        hidden=tuple(args.hidden), dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, patience=args.patience, class_weight="balanced" if args.balanced else None,
-        label_smoothing=args.label_smoothing, seed=args.seed,
-        cache=False if args.no_cache else (args.cache or True), val_fraction=args.val_fraction,
-        strategy=args.strategy, augment=args.augment, views=args.views, unfreeze=args.unfreeze,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, engine=args.engine)
+    params = {name: getattr(args, name) for cls in TRAIN_CONFIGS for name in _dests(cls)}
+    params["hidden"] = tuple(params["hidden"])
+    return ImageClassifier(**params, cache=False if args.no_cache else (args.cache or True))
 
 
 def _cmd_train(args) -> None:
@@ -111,30 +111,30 @@ def _cmd_train(args) -> None:
 
 def _print_train_report(clf, out) -> None:
     r = clf.report_
-    best = next((h for h in clf.history_ if h.get("best")), clf.history_[-1])
-    print(f"classes: {', '.join(clf.classes_)}   ({r['split']})")
-    print(f"backbone passes: train {r['backbone_passes']['train']}, val {r['backbone_passes']['val']}; "
-          f"from cache: train {r['from_cache']['train']}, val {r['from_cache']['val']}")
-    if r["skipped_unreadable"]:
-        print(f"skipped {len(r['skipped_unreadable'])} unreadable file(s) (listed in {out}/data.json):")
-        for p, reason in r["skipped_unreadable"][:10]:
+    print(f"classes: {', '.join(clf.classes_)}   ({r.split})")
+    print(f"backbone passes: train {r.backbone_passes['train']}, val {r.backbone_passes['val']}; "
+          f"from cache: train {r.from_cache['train']}, val {r.from_cache['val']}")
+    if r.skipped_unreadable:
+        print(f"skipped {len(r.skipped_unreadable)} unreadable file(s) (listed in {out}/data.json):")
+        for p, reason in r.skipped_unreadable[:10]:
             print(f"  {p}: {reason}")
-    if r.get("cache_recomputed"):
-        print(f"recomputed damaged feature cache entries: {len(r['cache_recomputed'])} (listed in {out}/data.json)")
-    if r.get("cache_write_error"):
-        print(f"warning: the feature cache could not be written ({r['cache_write_error']}); features were not kept")
-    if r.get("suspect_images"):
-        print(f"warning: {len(r['suspect_images'])} suspect image(s) kept in the data; look at them "
+    if r.cache_recomputed:
+        print(f"recomputed damaged feature cache entries: {len(r.cache_recomputed)} (listed in {out}/data.json)")
+    if r.cache_write_error:
+        print(f"warning: the feature cache could not be written ({r.cache_write_error}); features were not kept")
+    if r.suspect_images:
+        print(f"warning: {len(r.suspect_images)} suspect image(s) kept in the data; look at them "
               f"(listed in {out}/data.json):")
-        for row in r["suspect_images"][:5]:
+        for row in r.suspect_images[:5]:
             print(f"  {row['path']}: {row['reason']}")
-    if r["train_val_duplicates"]:
-        print(f"warning: {len(r['train_val_duplicates'])} image(s) are in both train and val")
+    if r.train_val_duplicates:
+        print(f"warning: {len(r.train_val_duplicates)} image(s) are in both train and val")
+    best = r.best
     line = f"best epoch {best['epoch']} of {len(clf.history_)}"
     if "val_accuracy" in best:
         line += f": val accuracy {best['val_accuracy']:.4f}, val loss {best['val_loss']:.4f}"
     print(line)
-    print(f"time: {r['seconds']['total']:.1f} s ({r['recipe']['strategy']})")
+    print(f"time: {r.seconds['total']:.1f} s ({r.recipe['strategy']})")
     print(f"saved to {out}")
 
 
@@ -144,7 +144,7 @@ def _cmd_evaluate(args) -> None:
 
     clf = load(args.run)
     clf.tta = args.tta
-    clf.engine = args.engine
+    clf.engine, clf.device = args.engine, args.device
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(args.data)
@@ -156,7 +156,7 @@ def _cmd_predict(args) -> None:
 
     clf = load(args.run)
     clf.tta = args.tta
-    clf.engine = args.engine
+    clf.engine, clf.device = args.engine, args.device
     rows = clf.predictor().predict(args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -197,11 +197,11 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_shard(args) -> None:
-    from .config import ShardConfig
     from .data.datasets import shard_dataset
     from .data.shards import shard_pattern
 
-    manifest = shard_dataset(args.data, args.out, ShardConfig(max_count=args.max_count))
+    config = ShardConfig(**{f.name: getattr(args, f.name) for f in cli_fields(ShardConfig)})
+    manifest = shard_dataset(args.data, args.out, config)
     for split, part in manifest["splits"].items():
         print(f"{split}: {part['images']} images in {len(part['shards'])} shard(s): "
               f"{Path(args.out) / shard_pattern(part['shards'])}")
@@ -220,45 +220,43 @@ def _cmd_demo(args) -> None:
     run_demo(Path(args.out), per_class=args.per_class, backbone=args.backbone)
 
 
+def _dests(cls) -> list[str]:
+    """The argparse destinations (and ImageClassifier parameters) of a config class's flags."""
+    return [f.metadata["dest"] or f.name for f in cli_fields(cls)]
+
+
+def _add_config_args(p, cls, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of ``cls`` (``headstart.config.option``): its name, default, choices and help come
+    from the field, so the CLI cannot drift from the library's defaults."""
+    for f in cli_fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        meta = f.metadata
+        kwargs = dict(meta["argparse"])
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if isinstance(f.default, bool) and "action" not in kwargs:
+            kwargs["action"] = "store_true"
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        shown = "" if default in (None, False, []) or kwargs.get("action") else " (default: %(default)s)"
+        p.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), dest=meta["dest"] or f.name,
+                       default=default, help=meta["help"] + shown, **kwargs)
+
+
 def _add_train_args(p) -> None:
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or timm:<model> (default: %(default)s)")
-    p.add_argument("--strategy", choices=["frozen", "frozen-aug", "finetune"], default="frozen",
-                   help="frozen: head on cached features; frozen-aug: head on cached augmented views; finetune: "
-                        "then the last layer groups too (default: %(default)s)")
-    p.add_argument("--augment", choices=["none", "light", "strong"],
-                   help="augmentation preset (default: none for frozen, light otherwise)")
-    p.add_argument("--views", type=int, default=5, help="augmented views cached per training image (default: 5)")
-    p.add_argument("--unfreeze", type=int, help="layer groups to fine-tune (default: the backbone's; VGG: block5)")
-    p.add_argument("--finetune-epochs", type=int, default=15)
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="for the last group; earlier ones get less")
+    for cls in TRAIN_CONFIGS:
+        _add_config_args(p, cls)
+    p.add_argument("--random-init", dest="weights", action="store_const", const=None, default=argparse.SUPPRESS,
+                   help="random weights instead of pretrained ones")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--weights", help="weights file (safetensors or PyTorch state dict); default: ImageNet from a "
-                                     "package or the hub")
-    p.add_argument("--random-init", action="store_true", help="random weights instead of pretrained ones")
-    p.add_argument("--input-size", type=int, help="image side in pixels (default: the weights' own)")
-    p.add_argument("--head", choices=["flatten", "avg"], help="flatten the feature map (Keras recipe) or average-pool "
-                                                             "it (default: the backbone's)")
-    p.add_argument("--hidden", type=int, nargs="*", default=[], help="widths of hidden Dense layers")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5.0, help="AdamW decoupled weight decay (default: %(default)s)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better val loss")
-    p.add_argument("--balanced", action="store_true", help="class-weighted loss for imbalanced data")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", help="validation folder or CSV (default: DATA/val, else a stratified split)")
     p.add_argument("--test", help="test folder or CSV (default: DATA/test if present)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val set")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    _add_engine_arg(p)
 
 
 def _add_engine_arg(p) -> None:
-    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
-                   help="runs the frozen backbone: ONNX Runtime when usable (auto), or torch (default: %(default)s)")
+    _add_config_args(p, EngineConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="a Keras-style layer table of a backbone (and head)")
     p.add_argument("backbone")
-    p.add_argument("--input-size", type=int)
+    _add_config_args(p, BackboneConfig, only=("input_size",))
     p.add_argument("--weights", help="weights file whose JSON may set the preprocessing")
     p.add_argument("--random", action="store_true", help="random weights (no weight lookup)")
     p.add_argument("--frozen", action="store_true", help="freeze the backbone (base.trainable = False)")
-    p.add_argument("--head", choices=["flatten", "avg"], help="add a head")
-    p.add_argument("--hidden", type=int, nargs="*", default=[])
-    p.add_argument("--dropout", type=float, default=0.0)
+    _add_config_args(p, HeadConfig)
     p.add_argument("--classes", type=int, default=2, help="number of classes for --head (default: 2)")
     p.set_defaults(func=_cmd_summary)
 
@@ -317,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "at scale")
     p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
     p.add_argument("--out", required=True, help="folder to write the shards and dataset.json to (empty or new)")
-    p.add_argument("--max-count", type=int, default=1000, help="most images per shard; a rank reads whole shards, "
-                                                               "so make at least as many as ranks (default: %(default)s)")
+    _add_config_args(p, ShardConfig)
     p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("demo", help="offline end to end: digits as PNG folders -> train -> evaluate -> predict")

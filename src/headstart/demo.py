@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .api import ImageClassifier, load
+from .evaluation import format_metrics
+
 __all__ = ["write_digits", "run_demo"]
 
 log = logging.getLogger("headstart")
@@ -33,9 +36,6 @@ def write_digits(root: Path, per_class: int = 60, val_per_class: int = 20, seed:
 
 
 def run_demo(out: Path, per_class: int = 60, backbone: str = "efficientnet_lite0") -> dict:
-    from .api import ImageClassifier, load
-    from .evaluation import format_metrics
-
     t0 = time.perf_counter()
     data = write_digits(out / "digits", per_class=per_class)
     print(f"data: scikit-learn digits as PNG folders in {data} ({per_class} train + 20 val images per class)")

@@ -14,6 +14,7 @@ see one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .hardware import Hardware
 
 __all__ = ["Distributed", "join", "SINGLE", "TORCHRUN_VARS"]
 
@@ -54,9 +56,10 @@ class Distributed:
         """Rank 0: the one that writes the run folder, the checkpoints and the logs."""
         return self.rank == 0
 
-    def threads(self, cores: int) -> int:
-        """This rank's share of the ``cores`` of its machine (at least one)."""
-        return max(1, cores // self.local_world_size)
+    def share(self, hardware: Hardware) -> Hardware:
+        """``hardware`` with this rank's share of its machine's threads (at least one): the ranks on one machine
+        split its cores. (A CUDA rank's device is its own GPU: ``join`` made it the current one.)"""
+        return dataclasses.replace(hardware, threads=max(1, hardware.threads // self.local_world_size))
 
     def barrier(self) -> None:
         if self.active:

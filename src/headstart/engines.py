@@ -1,7 +1,8 @@
 """Inference engines for a frozen backbone: torch (inference mode, channels-last) or ONNX Runtime.
 
-A runner is a callable ``images (N, 3, H, W) float32 -> feature map (N, C, h, w)`` over the same graph
-as ``backbone.body``; ``extract_features`` and the predictor take one through ``runner=``.
+A runner (``headstart.protocols.Runner``) is a callable ``images (N, 3, H, W) float32 -> feature map
+(N, C, h, w)`` over the same graph as ``backbone.body``; ``extract_features`` and the predictor take one
+through ``runner=``.
 
     >>> runner = make_runner(backbone, engine="auto")   # ONNX Runtime when it is installed and exports work
     >>> runner.engine, runner(images).shape
@@ -22,49 +23,58 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, HeadstartError
-from .features import FeatureCache, atomic_write, default_threads
-from .hardware import tune_malloc
+from .backbones.weights import state_digest
+from .cache import FeatureCache
+from .config import ENGINES
+from .errors import ConfigError, EngineError
+from .hardware import Hardware, default_threads
+from .io import atomic_write
 
 __all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "make_runner", "run_batches",
            "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
 
 log = logging.getLogger("headstart")
 
-ENGINES = ("auto", "torch", "onnx")
 _EXPORT_VERSION = 1  # bump when the way graphs are exported changes, so cached files are rebuilt
 
 
-class EngineError(HeadstartError):
-    """An inference engine cannot run this backbone (not installed, or the export failed)."""
-
-
 def set_torch_threads(threads: int | None = None) -> int:
-    """Give torch's intra-op pool ``threads`` (default: the cores this process may use); returns it.
-    Also keeps large freed blocks in the heap (``hardware.tune_malloc``): eager torch ran 2.5x faster."""
-    tune_malloc()
-    threads = threads or default_threads()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
+    """Give torch's intra-op pool ``threads`` (default: the cores this process may use) and tune the allocator
+    (``hardware.Hardware.apply``); returns the thread count."""
+    return Hardware("cpu", threads or default_threads()).apply().threads
+
+
+def _done(fn, x) -> Future:
+    """``fn(x)`` run now, as a finished future (for runners that run one batch at a time)."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(x))
+    except BaseException as exc:  # the caller's ``result()`` raises it, as a pool's future would
+        f.set_exception(exc)
+    return f
 
 
 class TorchRunner:
     """Eager torch in inference mode with channels-last tensors (faster convolutions on CPU).
 
     Images are decoded in turns with its passes (``read_ahead = False``): torch's OpenMP threads spin-wait
-    between operators, and a decode thread that takes one of their cores stalls the others at the next barrier.
-    On 2 cores (efficientnet_lite0, 245 photos), end-to-end extraction reached a median 0.82-0.83x of the
-    backbone-only rate in turns against 0.79-0.80x reading ahead (3 runs of 6-10 interleaved rounds).
+    between operators, and a decode thread that takes one of their cores stalls the others at the next barrier
+    (``benchmarks/turns.py`` measures both ways). On ``hardware.device == "cuda"`` the module runs on the GPU
+    and features come back to the CPU.
     """
 
     engine = "torch"
     read_ahead = False
+    lanes = 1
 
-    def __init__(self, module: nn.Module, threads: int | None = None, channels_last: bool = True):
+    def __init__(self, module: nn.Module, threads: int | None = None, channels_last: bool = True,
+                 hardware: Hardware | None = None):
         self.module = module
-        self.threads = set_torch_threads(threads)
+        self.hardware = (hardware or Hardware("cpu", threads or default_threads())).apply()
+        self.threads = self.hardware.threads
         self.channels_last = channels_last
+        if self.hardware.cuda:
+            module.to(self.hardware.device)
         if channels_last:
             # same values, another memory layout; state_dict digests and saved files are unchanged
             module.to(memory_format=torch.channels_last)
@@ -74,11 +84,15 @@ class TorchRunner:
         self.module.eval()  # a frozen backbone's batch norms use their running statistics, as in the export
         try:
             with torch.inference_mode():
+                x = x.to(self.hardware.device)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                return self.module(x).contiguous()
+                return self.module(x).contiguous().cpu()
         finally:
             self.module.train(was_training)
+
+    def submit(self, x: torch.Tensor) -> Future:
+        return _done(self, x)
 
 
 class OnnxRunner:
@@ -87,19 +101,18 @@ class OnnxRunner:
     By default each run uses one thread, and ``lanes`` runs (one per core) go at once on parts of the batch,
     with no barrier between operators: a core that the input pipeline takes for a moment delays one lane, not
     every operator of the pass. ``run_batches`` keeps the lanes busy across batches; a plain call splits the
-    batch and joins. ``lanes=1`` is one run at a time on all ``threads``. On 2 cores (efficientnet_lite0,
-    ``benchmarks/speed.py``, 10 interleaved rounds, best) the backbone ran at 160 vs 141 img/s in lanes against
-    one run on two intra-op threads, and end-to-end extraction at 125 vs 117 img/s.
-    Idle threads sleep, so images are decoded while it runs (``read_ahead``).
+    batch and joins. ``lanes=1`` is one run at a time on all ``threads`` (``benchmarks/speed.py`` compares
+    the two). Idle threads sleep, so images are decoded while it runs (``read_ahead``).
     """
 
     engine = "onnx"
     read_ahead = True
 
-    def __init__(self, path: str | Path, threads: int | None = None, lanes: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, lanes: int | None = None, output: int = 0):
         self.path = Path(path)
         threads = threads or default_threads()
         self.lanes = max(1, min(lanes or threads, threads))  # lanes=1: one run at a time on every thread
+        self.output = output  # which of the graph's outputs a call returns
         self.session = onnx_session(path, threads // self.lanes)
         self.input_name = self.session.get_inputs()[0].name
         self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="headstart-onnx")
@@ -107,7 +120,7 @@ class OnnxRunner:
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """One run on the calling thread."""
         arr = x.detach().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[self.output])
 
     def submit(self, x: torch.Tensor) -> Future:
         """One run on a lane thread; its future gives the features."""
@@ -123,7 +136,7 @@ class OnnxRunner:
         return [np.concatenate(o) for o in zip(*outs)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.outputs(x.detach().contiguous().numpy())[0])
+        return torch.from_numpy(self.outputs(x.detach().contiguous().numpy())[self.output])
 
 
 def run_batches(runner, batches: Iterable[tuple[list[int], torch.Tensor]]) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -134,7 +147,7 @@ def run_batches(runner, batches: Iterable[tuple[list[int], torch.Tensor]]) -> It
     as they finish, parts of batches and possibly out of order. Other runners are called once per batch, the
     next batch taken only after the last one's features are handed on (the torch engine takes turns).
     """
-    lanes = getattr(runner, "lanes", 1)
+    lanes = runner.lanes
     if lanes <= 1:
         for idx, x in batches:
             with torch.inference_mode():
@@ -174,15 +187,12 @@ def onnx_session(path: str | Path, threads: int | None = None):
     except ImportError as exc:
         raise EngineError("the onnx engine needs onnxruntime (pip install onnxruntime); "
                           "or use --engine torch") from exc
-    tune_malloc()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
-    # no busy-waiting between operators: the decode threads need those cycles on a small machine. Measured on
-    # the shared 2-core machine (efficientnet_lite0, batch 32, 3 interleaved rounds, best kept): backbone
-    # 22.4 vs 17.6 img/s and end-to-end extraction 16.5 vs 10.5 img/s without vs with spinning.
-    # The memory arena stays on: without it peak RSS was ~500 MB lower but the backbone ~30% slower.
+    # no busy-waiting between operators: the decode threads need those cycles on a small machine. The memory
+    # arena stays on: without it peak memory is lower but the backbone slower (benchmarks/RESULTS.md)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -254,8 +264,6 @@ def backbone_onnx_path(backbone, cache: FeatureCache | None = None) -> Path:
     Keyed like the feature cache: backbone name, weights digest and input size (plus the torch version
     and export scheme, which shape the graph).
     """
-    from .backbones.weights import state_digest
-
     # digest the weights as they are now: a backbone fine-tuned in place must not reuse an old graph
     key = {"backbone": backbone.name, "weights": state_digest(backbone.body.state_dict()),
            "input_size": list(backbone.data_config.input_size), "torch": torch.__version__.split("+")[0],
@@ -269,15 +277,15 @@ def backbone_onnx_path(backbone, cache: FeatureCache | None = None) -> Path:
 
 
 def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads: int | None = None,
-                cache: FeatureCache | None = None):
+                cache: FeatureCache | None = None, hardware: Hardware | None = None):
     """A runner for ``backbone`` on ``engine``: ``"torch"``, ``"onnx"``, or ``"auto"`` (ONNX Runtime when it
-    is installed and the export works, else torch; the reason is logged). ONNX Runtime is the default because
-    it was the faster for efficientnet_lite0 in ``benchmarks/speed.py`` (160 img/s in lanes vs 123 for torch
-    channels-last on 2 cores, best of 10 rounds) and on par for vgg16 (16.6 vs 16.5), once
-    ``hardware.tune_malloc`` stopped torch's page faults (before it, 3x and 1.3x).
+    is installed and the export works, else torch; the reason is logged). ONNX Runtime is the default on the
+    CPU because it was the faster or on par for every backbone in ``benchmarks/speed.py``; on a GPU
+    (``hardware.device == "cuda"``) ``auto`` means torch.
 
     ``batch_size`` is the batch the runner will see (kept for engines that specialise on it).
     ``cache`` decides where exported graphs are kept (next to its feature folder; default: the default cache).
+    ``hardware`` (default: the CPU with ``threads``) is where the torch engine runs.
 
     Raises:
         ConfigError: an unknown engine name.
@@ -285,15 +293,16 @@ def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)} (--engine)")
-    if engine == "torch":
-        return TorchRunner(backbone.body, threads)
+    hardware = hardware or Hardware("cpu", threads or default_threads())
+    if engine == "torch" or (engine == "auto" and hardware.cuda):
+        return TorchRunner(backbone.body, hardware=hardware)
     try:
-        return OnnxRunner(backbone_onnx_path(backbone, cache), threads)
+        return OnnxRunner(backbone_onnx_path(backbone, cache), hardware.threads)
     except (EngineError, OSError) as exc:
         if engine == "onnx":
             raise EngineError(str(exc)) if isinstance(exc, OSError) else exc
         log.info("engine auto: using torch, because ONNX Runtime is not usable here (%s)", exc)
-        return TorchRunner(backbone.body, threads)
+        return TorchRunner(backbone.body, hardware=hardware)
 
 
 class LazyRunner:
@@ -319,12 +328,12 @@ class LazyRunner:
     @property
     def read_ahead(self) -> bool:
         """Whether images should be decoded while this runner computes (makes the runner when asked)."""
-        return getattr(self._made(), "read_ahead", True)
+        return self._made().read_ahead
 
     @property
     def lanes(self) -> int:
         """How many runs go at once (see ``run_batches``; makes the runner when asked)."""
-        return getattr(self._made(), "lanes", 1)
+        return self._made().lanes
 
     def submit(self, x: torch.Tensor) -> Future:
         return self._made().submit(x)

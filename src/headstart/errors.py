@@ -13,6 +13,7 @@ __all__ = [
     "NotFittedError",
     "ConfigError",
     "StorageError",
+    "EngineError",
 ]
 
 
@@ -60,3 +61,7 @@ class NotFittedError(HeadstartError, AttributeError):
 
 class StorageError(HeadstartError):
     """An output or cache folder cannot be written, or its disk has no room for what the run will write."""
+
+
+class EngineError(HeadstartError):
+    """An inference engine cannot run this backbone (not installed, or the export failed)."""

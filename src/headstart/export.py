@@ -11,6 +11,7 @@ images the way the weights expect without headstart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,9 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones.registry import DataConfig
-from .engines import EngineError, OnnxRunner, export_onnx
-from .errors import ConfigError, RunFormatError
+from ._version import __version__
+from .cache import FeatureCache
+from .config import DataConfig
+from .engines import OnnxRunner, export_onnx
+from .errors import ConfigError, EngineError, RunFormatError
+from .hardware import Hardware, default_threads
+from .protocols import Runner
 
 __all__ = ["FORMAT", "export_onnx_model", "OnnxModel", "is_onnx_file"]
 
@@ -50,8 +55,6 @@ def export_onnx_model(model, out: str | Path, *, check: bool = True) -> Path:
     Raises:
         EngineError: the graph cannot be exported, or the exported graph disagrees with torch.
     """
-    from . import __version__
-
     out = Path(out)
     model = model.eval()
     meta = {
@@ -81,16 +84,23 @@ class OnnxModel:
     """An exported model on ONNX Runtime: ``classes``, ``data_config`` from the file's metadata, and
     ``logits(images)`` / ``probabilities(images)`` for normalised image batches.
 
+    For a ``Predictor`` it is its own feature source: its "features" are the class probabilities, keyed in
+    the feature cache by the file's content.
+
     Raises (on construction):
         RunFormatError: the file is not a headstart ONNX export or its metadata is damaged.
         EngineError: ONNX Runtime is missing or cannot load the file.
     """
 
+    training = False
+    feature_pool = None
+
     def __init__(self, path: str | Path, threads: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise RunFormatError(f"{str(self.path)!r} does not exist; pass a file written by `headstart export`")
-        self.runner = OnnxRunner(self.path, threads)  # in lanes, as the backbone's engine
+        self.threads = threads or default_threads()
+        self.runner = OnnxRunner(self.path, self.threads)  # in lanes, as the backbone's engine
         self.session = self.runner.session
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
@@ -105,6 +115,9 @@ class OnnxModel:
             raise RunFormatError(f"the metadata in {str(self.path)!r} is damaged ({exc}); export the run again") from exc
         self.headstart_version = meta.get("headstart_version")
         self.engine = "onnx"
+        self.name = f"onnx-model:{self.backbone_identity.get('name', 'unknown')}"
+        self.weights_digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        self.feature_shape = (len(self.classes),)
 
     def _run(self, images) -> list[np.ndarray]:
         arr = images.detach().contiguous().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -116,5 +129,28 @@ class OnnxModel:
     def probabilities(self, images) -> np.ndarray:
         return self._run(images)[1]
 
-    def eval(self) -> "OnnxModel":  # the Predictor's model protocol
+    # -- the model members a Predictor uses (see headstart.model.ImageModel) --------------------------------
+    @property
+    def feature_source(self) -> "OnnxModel":
+        return self
+
+    def make_runner(self, engine: str = "auto", batch_size: int = 32, *, hardware: Hardware | None = None,
+                    cache: FeatureCache | None = None) -> Runner:
+        """A runner over the graph's probabilities output.
+
+        Raises:
+            ConfigError: ``engine="torch"``: an exported model runs on ONNX Runtime only.
+        """
+        if engine == "torch":
+            raise ConfigError(f"{self.path} is an exported ONNX model and runs on ONNX Runtime only; "
+                              "drop --engine torch, or predict from the run folder")
+        return OnnxRunner(self.path, hardware.threads if hardware else self.threads, output=1)
+
+    def scores(self, features: torch.Tensor) -> np.ndarray:
+        return features.numpy()
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def train(self, mode: bool = True) -> "OnnxModel":
         return self

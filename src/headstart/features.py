@@ -1,68 +1,62 @@
 """Feature extraction through a frozen backbone, filling and reusing the feature cache (``headstart.cache``).
 
-A cache entry is keyed by the backbone (name + weights digest), the data config, the view
-(plain or an augmented view) and the image file's content, so a second training on the same
-images runs no backbone pass.
+A cache entry is keyed by the backbone (name + weights digest), the data config, the view (plain or an
+augmented view) and the image's content, so a second training on the same images runs no backbone pass.
 
     >>> result = extract_features(backbone, paths, cache=FeatureCache.default())
     >>> result.features.shape, result.computed, result.cached
+
+Each image is read once: its content digest (the cache key) and its pixels come from the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import ENTRY_FORMAT, FeatureCache, atomic_write, entry_bytes
+from .cache import ENTRY_FORMAT, FeatureCache, entry_bytes
+from .data.images import ImageSource, content_digest, read_source, source_name
 from .data.pipeline import decoded_batches, default_decode_threads, map_ahead
 from .data.transforms import RESAMPLING, EvalTransform, decode_size
+from .engines import LazyRunner, run_batches
 from .errors import ConfigError, ImageReadError
+from .hardware import default_threads
+from .protocols import FeatureSource, Runner, Transform
 
-__all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "default_threads", "entry_bytes",
-           "cache_key", "features_shape", "atomic_write"]
+__all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "entry_bytes", "cache_key",
+           "features_shape", "POOLINGS"]
 
 log = logging.getLogger("headstart")
 
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+POOLINGS = (None, "avg")  # what a cache entry holds: the whole feature map, or its average over positions
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (the image-content part of a cache key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    """The content digest of an image file (the image part of a cache key)."""
+    return content_digest(read_source(path))
 
 
-def cache_key(backbone, view: dict | None = None, pool: str | None = None) -> dict:
+def cache_key(source: FeatureSource, view: dict | None = None, pool: str | None = None) -> dict:
     """What a cache entry's features depend on besides the image: backbone, weights, preprocessing, view, and
     whether the entries are whole maps or their averages (``pool="avg"``)."""
-    key = {"backbone": backbone.name, "weights": backbone.weights_digest, "data_config": backbone.data_config.to_dict(),
+    key = {"backbone": source.name, "weights": source.weights_digest, "data_config": source.data_config.to_dict(),
            "resampling": RESAMPLING, "view": view or "eval", "entries": ENTRY_FORMAT}
     if pool is not None:
         key["pool"] = pool
     return key
 
 
-POOLS = (None, "avg")
-
-
-def features_shape(backbone, pool: str | None = None) -> tuple[int, ...]:
+def features_shape(source: FeatureSource, pool: str | None = None) -> tuple[int, ...]:
     """Shape of one image's features: the feature map ``(C, H, W)``, or ``(C,)`` averaged (``pool="avg"``)."""
-    return (backbone.feature_shape[0],) if pool == "avg" else tuple(backbone.feature_shape)
+    return (source.feature_shape[0],) if pool == "avg" else tuple(source.feature_shape)
 
 
 @dataclass
@@ -70,182 +64,204 @@ class Extraction:
     """Features of the images that could be read, in input order, and a report of those that could not."""
 
     features: torch.Tensor            # (n_ok, *feature_shape)
-    ok: list[int]                     # indices into the input paths
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    ok: list[int]                     # indices into the input images
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     failed: dict[int, str] = field(default_factory=dict)          # input index -> reason
-    digests: list[str | None] = field(default_factory=list)      # per input path
+    digests: list[str | None] = field(default_factory=list)      # per input image
     computed: int = 0                 # images that went through the backbone
     cached: int = 0                   # images served from the cache
     # (image, damaged cache entry, why); image None: a shard with an unreadable header, whose images are unknown
     recomputed: list[tuple[str | None, str, str]] = field(default_factory=list)
 
 
-def _safe_digest(path) -> str | ImageReadError:
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        return ImageReadError(path, f"cannot be read ({exc.strerror or exc})")
-
-
 def extract_features(
-    backbone,
-    paths: Sequence[str | Path],
+    source: FeatureSource,
+    images: Sequence[ImageSource],
     cache: FeatureCache | None = None,
     *,
-    transform: Callable | None = None,
+    transform: Transform | None = None,
     batch_size: int = 32,
-    runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    runner: Runner | None = None,
+    engine: str = "auto",
     threads: int | None = None,
+    decode_threads: int | None = None,
     progress: bool | None = None,
     desc: str = "features",
-    engine: str = "auto",
-    decode_threads: int | None = None,
     pool: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> Extraction:
-    """Run ``paths`` through ``backbone`` (frozen, eval mode), reusing and filling ``cache``.
+    """Run ``images`` (paths, bytes, pictures: see ``data.images.ImageSource``) through ``source`` (a frozen
+    backbone, eval mode), reusing and filling ``cache``.
 
-    ``transform`` defaults to the eval transform; another one must have ``spec()`` (its part of the cache
-    key) and, with ``keyed = True``, takes the image's content digest to seed its random draw.
-    Unreadable files are reported in ``errors``, never raised.
-    ``runner`` replaces ``backbone`` for the forward pass (an inference engine over the same graph); without
-    one, a runner for ``engine`` (``auto``, ``torch``, ``onnx``; see ``headstart.engines``) is made when
-    some image is not in the cache. Images are decoded in ``decode_threads`` threads (default: two on two
-    cores) while the backbone runs; each batch's features go to the cache as soon as they are computed.
-    ``pool="avg"`` returns each feature map's average over positions, ``(C,)``: all that an averaging head
-    reads, in 1/(H*W) of the memory (1/49 for efficientnet_lite0 at 224). The cache then stores those averages
-    too, not the maps (1/49 of the disk and of the write time); averages are also served from maps an earlier
-    run stored, while a later run that needs maps computes them once.
+    ``transform`` defaults to the eval transform; its ``spec()`` is its part of the cache key. ``runner`` runs
+    the forward pass (an inference engine over the same graph); without one, a ``LazyRunner`` for ``engine``
+    is made, which builds nothing when every image is in the cache. Unreadable images are reported in
+    ``errors`` (named by ``names``, default: their paths), never raised. ``pool="avg"`` keeps (and caches)
+    each feature map's average over positions, ``(C,)``: all an averaging head reads; averages are also served
+    from maps an earlier run stored.
 
     Raises:
-        ConfigError: an unknown ``engine`` or ``pool``. EngineError: ``engine="onnx"`` cannot run this backbone.
+        ConfigError: an unknown ``pool`` or ``engine``. EngineError: ``engine="onnx"`` cannot run ``source``.
     """
-    if pool not in POOLS:
-        raise ConfigError(f"pool {pool!r} is not one of {POOLS}")
+    if pool not in POOLINGS:
+        raise ConfigError(f"pool {pool!r} is not one of {POOLINGS}")
     threads = threads or default_threads()
-    transform = transform or EvalTransform(backbone.data_config)
-    view = transform.spec() if hasattr(transform, "spec") else None
-    key = cache_key(backbone, view, pool)
-    shape = features_shape(backbone, pool)
-    ns = FeatureCache.namespace(key)  # where this run's features are stored
-    # averages are also served from the maps of an earlier run with a flattening head
-    maps_ns = FeatureCache.namespace(cache_key(backbone, view)) if pool is not None else None
-    recomputed: list[tuple[str | None, str, str]] = []
-    if cache is not None:
-        cache.describe(ns, key)
-        n_corrupt = len(cache.corrupt)
-        for s in (ns, maps_ns) if maps_ns else (ns,):
-            cache.index(s, refresh=True)  # other processes may have stored shards since this cache last looked
-        # a shard whose header is unreadable names no image: reported with the images it held unknown
-        recomputed += [(None, e, cache.damage.get(e, "damaged")) for e in cache.corrupt[n_corrupt:]]
-    n = len(paths)
-    out = torch.empty((n, *shape), dtype=torch.float32)
-    have = torch.zeros(n, dtype=torch.bool)
-    errors: dict[int, str] = {}
-    bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress is None else not progress, leave=False)
-    digests: list[str | None] = [None] * n
+    job = _Job(source, images, cache, transform or EvalTransform(source.data_config), pool, batch_size,
+               names, progress, desc)
     hashing = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="headstart-digest")
-
-    def misses():
-        # content digests key the cache, seed augmented views, and find the same image twice: always taken,
-        # and taken as extraction goes, so the backbone starts on the first image missing from the cache while
-        # later ones are still hashed (hashing every file first held it back ~50 ms per 400 photos)
-        for i, d in map_ahead(hashing, lambda i: _safe_digest(paths[i]), range(n), 2 * batch_size):
-            if isinstance(d, ImageReadError):
-                errors[i] = d.reason
-                bar.update(1)
-                continue
-            digests[i] = d
-            n_corrupt = len(cache.corrupt) if cache is not None else 0
-            hit = _cached(cache, ns, maps_ns, d, backbone, shape) if cache is not None else None
-            if hit is not None:
-                out[i] = hit
-                have[i] = True
-                bar.update(1)
-                continue
-            damaged = cache.corrupt[n_corrupt:] if cache is not None else []
-            recomputed.extend((str(paths[i]), e, cache.damage.get(e, "damaged")) for e in damaged)
-            yield i
-
-    computed = 0
     try:
-        todo = misses()
+        todo = job.misses(hashing)
         first = next(todo, None)
         if first is not None:
-            if runner is None:
-                from .engines import make_runner  # engines import this module
-
-                runner = make_runner(backbone, engine, batch_size, threads=threads, cache=cache)
-            computed = _run_backbone(backbone, runner, paths, itertools.chain([first], todo), digests, out, have,
-                                     errors, cache, ns, transform, batch_size, threads, decode_threads, bar, pool)
+            runner = runner or LazyRunner(source, engine, batch_size, threads=threads, cache=cache)
+            job.compute(runner, itertools.chain([first], todo), threads, decode_threads)
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    ok = [i for i in range(n) if have[i]]
-    err_list = [(str(paths[i]), errors[i]) for i in sorted(errors)]
-    for p, reason in err_list:
-        log.warning("skipped %s: %s", p, reason)
-    if len(ok) < n:  # compact in place: a second copy of every feature would double peak memory
-        for j, i in enumerate(ok):
-            if i != j:
-                out[j] = out[i]
-        out = out[:len(ok)]
-    return Extraction(out, ok, err_list, dict(sorted(errors.items())), digests,
-                      computed, len(ok) - computed, recomputed)
+        job.bar.close()
+    return job.result()
 
 
-def _cached(cache: FeatureCache, ns: str, maps_ns: str | None, digest: str, backbone, shape) -> torch.Tensor | None:
-    """The features of ``shape`` stored in ``ns``, or averaged from the maps in ``maps_ns``; None when neither has
-    them whole."""
-    hit = cache.get(ns, digest)
-    if hit is not None and tuple(hit.shape) == shape:
-        return hit
-    hit = cache.get(maps_ns, digest) if maps_ns else None
-    if hit is not None and tuple(hit.shape) == tuple(backbone.feature_shape):
-        return torch.from_numpy(_average(hit.numpy()))
-    return None
+class _Job:
+    """One extraction: where its features go (``out``), what each image's digest and bytes are, and the
+    cache namespaces it reads and fills."""
 
+    def __init__(self, source, images, cache, transform, pool, batch_size, names, progress, desc):
+        self.source, self.images, self.cache, self.transform = source, images, cache, transform
+        self.pool, self.batch_size = pool, batch_size
+        self.names = list(names) if names is not None else [source_name(im, f"<image {i}>")
+                                                              for i, im in enumerate(images)]
+        key = cache_key(source, transform.spec(), pool)
+        self.ns = FeatureCache.namespace(key)
+        # averages are also served from the maps of an earlier run with a flattening head
+        self.maps_ns = FeatureCache.namespace(cache_key(source, transform.spec())) if pool is not None else None
+        self.shape = features_shape(source, pool)
+        n = len(images)
+        self.out = torch.empty((n, *self.shape), dtype=torch.float32)
+        self.have = torch.zeros(n, dtype=torch.bool)
+        self.errors: dict[int, str] = {}
+        self.digests: list[str | None] = [None] * n
+        self.buffers: dict[int, object] = {}  # bytes read for hashing, kept until decoded
+        self.recomputed: list[tuple[str | None, str, str]] = []
+        self.computed = 0
+        self.bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress is None else not progress,
+                        leave=False)
+        if cache is not None:
+            self._open_cache(key)
 
-def _run_backbone(backbone, runner, paths, todo, digests, out, have, errors, cache, ns, transform,
-                  batch_size, threads, decode_threads, bar, pool=None) -> int:
-    was_training = backbone.training
-    backbone.eval()
-    computed = 0
-    # cache entries are written by one thread while the next batch runs: hashing and writing a batch of
-    # feature maps took ~6% of the wall time of efficientnet_lite0 extraction when done in between batches
-    writer = _CacheWriter(cache, ns) if cache is not None else None
-    out_np = out.numpy()
-    # an engine that takes turns with the input pipeline (see TorchRunner) has every core while it runs: the
-    # decoding then uses them all, and the cache writes are done before its next pass
-    read_ahead = getattr(runner, "read_ahead", True)
-    decode_threads = decode_threads or (default_decode_threads(threads) if read_ahead else threads)
-    from .engines import run_batches  # engines import this module
+    def _open_cache(self, key: dict) -> None:
+        self.cache.describe(self.ns, key)
+        n_corrupt = len(self.cache.corrupt)
+        for ns in (self.ns, self.maps_ns) if self.maps_ns else (self.ns,):
+            self.cache.index(ns, refresh=True)  # other processes may have stored shards since this cache looked
+        # a shard whose header is unreadable names no image: reported with the images it held unknown
+        self.recomputed += [(None, e, self.cache.damage.get(e, "damaged")) for e in self.cache.corrupt[n_corrupt:]]
 
-    def batches():
-        for idx, batch, failed in decoded_batches(paths, todo, transform, batch_size,
-                                                  min_size=decode_size(backbone.data_config),
-                                                  threads=decode_threads, keys=digests, read_ahead=read_ahead):
-            errors.update(failed)
-            bar.update(len(failed))
+    def misses(self, hashing: ThreadPoolExecutor) -> Iterator[int]:
+        """Indices of the images to compute, as they are read and hashed (at most two batches ahead, so the
+        backbone starts on the first miss while later images are still read); cache hits are filled in."""
+        for i, got in map_ahead(hashing, self._read, range(len(self.images)), 2 * self.batch_size):
+            if isinstance(got, ImageReadError):
+                self._failed(i, got.reason)
+                continue
+            data, self.digests[i] = got
+            if self._from_cache(i):
+                continue
+            self.buffers[i] = data
+            yield i
+
+    def _read(self, i: int):
+        try:
+            data = read_source(self.images[i])
+            return data, content_digest(data)
+        except ImageReadError as exc:
+            return exc
+
+    def _failed(self, i: int, reason: str) -> None:
+        self.errors[i] = reason
+        self.bar.update(1)
+
+    def _from_cache(self, i: int) -> bool:
+        if self.cache is None:
+            return False
+        n_corrupt = len(self.cache.corrupt)
+        hit = self.cache.get(self.ns, self.digests[i])
+        if hit is not None and tuple(hit.shape) != self.shape:
+            hit = None
+        if hit is None and self.maps_ns:
+            maps = self.cache.get(self.maps_ns, self.digests[i])
+            if maps is not None and tuple(maps.shape) == tuple(self.source.feature_shape):
+                hit = torch.from_numpy(_average(maps.numpy()))
+        self.recomputed += [(self.names[i], e, self.cache.damage.get(e, "damaged"))
+                            for e in self.cache.corrupt[n_corrupt:]]
+        if hit is None:
+            return False
+        self.out[i], self.have[i] = hit, True
+        self.bar.update(1)
+        return True
+
+    def compute(self, runner: Runner, todo: Iterator[int], threads: int, decode_threads: int | None) -> None:
+        """Decode the images in ``todo`` from the bytes already read, run them through ``runner`` and store
+        their features (in ``out``, and in the cache from a writer thread while the next batch runs)."""
+        was_training = self.source.training
+        self.source.eval()
+        writer = _CacheWriter(self.cache, self.ns) if self.cache is not None else None
+        # an engine that takes turns with the input pipeline (``Runner.read_ahead`` False) has every core while
+        # it runs: decoding then uses them all, and cache writes are done before its next pass
+        read_ahead = runner.read_ahead
+        decode_threads = decode_threads or (default_decode_threads(threads) if read_ahead else threads)
+        out_np = self.out.numpy()
+        try:
+            batches = self._batches(todo, decode_threads, read_ahead, writer)
+            for idx, feats in run_batches(runner, batches):
+                # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
+                kept = _average(feats.numpy()) if self.pool == "avg" else feats.numpy()
+                out_np[idx] = kept
+                self.have[idx] = True
+                if writer is not None:  # what this run keeps, as it keeps it: the cache key says which
+                    writer.put([self.digests[i] for i in idx], kept)
+                self.computed += len(idx)
+                self.bar.update(len(idx))
+        finally:
+            if writer is not None:
+                writer.close()
+            self.source.train(was_training)
+
+    def _batches(self, todo, decode_threads, read_ahead, writer):
+        buffered = _Buffered(self.buffers)
+        for idx, batch, failed in decoded_batches(buffered, todo, self.transform, self.batch_size,
+                                                  min_size=decode_size(self.source.data_config),
+                                                  threads=decode_threads, keys=self.digests, read_ahead=read_ahead):
+            for i, reason in failed:
+                self._failed(i, reason)
             if idx:
                 if writer is not None and not read_ahead:
                     writer.wait()
                 yield idx, batch
 
-    try:
-        for idx, feats in run_batches(runner, batches()):
-            # in numpy: torch's copies would wake its OpenMP team (see data.pipeline._stack)
-            kept = _average(feats.numpy()) if pool == "avg" else feats.numpy()
-            out_np[idx] = kept
-            have[idx] = True
-            if writer is not None:  # what this run keeps, as it keeps it: the cache key says which
-                writer.put([digests[i] for i in idx], kept)
-            computed += len(idx)
-            bar.update(len(idx))
-    finally:
-        if writer is not None:
-            writer.close()
-        backbone.train(was_training)
-    return computed
+    def result(self) -> Extraction:
+        n = len(self.images)
+        ok = [i for i in range(n) if self.have[i]]
+        err_list = [(self.names[i], self.errors[i]) for i in sorted(self.errors)]
+        for name, reason in err_list:
+            log.warning("skipped %s: %s", name, reason)
+        out = self.out
+        if len(ok) < n:  # compact in place: a second copy of every feature would double peak memory
+            for j, i in enumerate(ok):
+                if i != j:
+                    out[j] = out[i]
+            out = out[:len(ok)]
+        return Extraction(out, ok, err_list, dict(sorted(self.errors.items())), self.digests,
+                          self.computed, len(ok) - self.computed, self.recomputed)
+
+
+class _Buffered:
+    """The bytes read for hashing, handed to the decoders once each (then dropped, so memory stays bounded)."""
+
+    def __init__(self, buffers: dict[int, object]):
+        self.buffers = buffers
+
+    def __getitem__(self, i: int):
+        return self.buffers.pop(i)
 
 
 def _average(maps: np.ndarray) -> np.ndarray:
@@ -265,13 +281,10 @@ class _CacheWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstart-cache-write")
         self.futures: list = []
 
-    def put(self, digests: list[str | None], feats: torch.Tensor) -> None:
+    def put(self, digests: list[str | None], feats: np.ndarray) -> None:
         while len(self.futures) >= self.pending:
             self.futures.pop(0).result()
-        self.futures.append(self.pool.submit(self._store, digests, feats))
-
-    def _store(self, digests, feats) -> None:
-        self.cache.put_many(self.ns, digests, feats)
+        self.futures.append(self.pool.submit(self.cache.put_many, self.ns, digests, feats))
 
     def wait(self) -> None:
         """Return when every batch handed in is stored."""
@@ -283,3 +296,4 @@ class _CacheWriter:
             self.wait()
         finally:
             self.pool.shutdown(wait=True)
+

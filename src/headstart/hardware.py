@@ -1,13 +1,15 @@
-"""Process-wide settings for tensor work on the CPU: the C allocator's thresholds.
+"""The hardware edge: the one place that decides the device, the threads and the allocator settings.
 
-    >>> tune_malloc()   # once before heavy work; later calls do nothing
+    >>> hw = Hardware.resolve("auto")     # cuda when available, else cpu; threads = the cores this process may use
+    >>> hw.apply()                        # once, before heavy work (torch threads, allocator)
 
-glibc's ``malloc`` serves every block over 32 MiB (less before its threshold adapts) with a fresh ``mmap``
-and returns it to the system on ``free``; a forward pass allocates and frees activations of that size at
-every layer, so each pass faults all their pages back in. Measured on this 2-core machine with eager torch
-(efficientnet_lite0, batch 32): 27 img/s with 5.1 s of kernel time per 128 images under the defaults, 58 img/s
-and 1.2 s with large blocks kept in the heap; fine-tuning 10.2 vs 15.2 img/s. PyTorch's CPU tuning guides
-get the same by preloading jemalloc or tcmalloc, which a pip install cannot do.
+Model and data code never pick a device: training and the engines receive a ``Hardware``.
+
+The allocator: glibc's ``malloc`` serves every block over 32 MiB (less before its threshold adapts) with a
+fresh ``mmap`` and returns it to the system on ``free``; a forward pass allocates and frees activations of
+that size at every layer, so each pass would fault all their pages back in (kernel time instead of compute;
+``benchmarks/RESULTS.md`` has the figures). PyTorch's CPU tuning guides get the same by preloading jemalloc or
+tcmalloc, which a pip install cannot do.
 """
 
 from __future__ import annotations
@@ -17,14 +19,62 @@ import ctypes.util
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
-__all__ = ["tune_malloc", "MALLOC_KEEP"]
+from .config import DEVICES
+from .errors import ConfigError
+
+__all__ = ["Hardware", "tune_malloc", "default_threads", "MALLOC_KEEP"]
 
 log = logging.getLogger("headstart")
 
 MALLOC_KEEP = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of freed heap stays mapped
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _state: dict[str, bool] = {}
+
+
+def default_threads() -> int:
+    """The cores this process may use (its CPU affinity, not the machine's count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where tensors live and how many threads work on them; made by ``resolve`` and handed in."""
+
+    device: str = "cpu"
+    threads: int = 1
+
+    @classmethod
+    def resolve(cls, device: str = "auto", threads: int | None = None) -> "Hardware":
+        """``device``: ``auto`` (cuda when torch sees a GPU), ``cpu`` or ``cuda``.
+
+        Raises:
+            ConfigError: an unknown device, or ``cuda`` asked for where torch sees no GPU.
+        """
+        if device not in DEVICES:
+            raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} (--device)")
+        import torch  # the config layer stays torch-free; the edge is where torch is first needed
+
+        has_cuda = torch.cuda.is_available()
+        if device == "cuda" and not has_cuda:
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device here "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+        chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+        return cls(chosen, threads or default_threads())
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def apply(self) -> "Hardware":
+        """Give torch's intra-op pool ``threads`` and keep large freed blocks for reuse (``tune_malloc``)."""
+        import torch
+
+        tune_malloc()
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self
 
 
 def tune_malloc() -> bool:

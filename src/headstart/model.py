@@ -1,12 +1,22 @@
-"""The model: backbone + head, the thing that is trained, saved and exported."""
+"""The model: backbone + head, the thing that is trained, saved and exported.
+
+A model is what a ``Predictor`` scores images with (the same members for an exported ``OnnxModel``):
+``feature_source`` and ``feature_pool`` say what extraction runs and keeps, ``make_runner`` builds the engine
+for it, and ``scores`` turns features into class probabilities.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from .backbones.base import Backbone
+from .cache import FeatureCache
+from .engines import LazyRunner
+from .hardware import Hardware
 from .heads import Head
+from .protocols import Runner
 
 __all__ = ["ImageModel"]
 
@@ -28,3 +38,21 @@ class ImageModel(nn.Module):
     @property
     def data_config(self):
         return self.backbone.data_config
+
+    @property
+    def feature_source(self) -> Backbone:
+        return self.backbone
+
+    @property
+    def feature_pool(self) -> str | None:
+        return self.head.feature_pool
+
+    def make_runner(self, engine: str = "auto", batch_size: int = 32, *, hardware: Hardware | None = None,
+                    cache: FeatureCache | None = None) -> Runner:
+        """The backbone's engine (``headstart.engines``), built on its first batch."""
+        return LazyRunner(self.backbone, engine, batch_size, hardware=hardware, cache=cache)
+
+    def scores(self, features: torch.Tensor) -> np.ndarray:
+        """Class probabilities ``(N, classes)`` from the backbone's features."""
+        with torch.inference_mode():
+            return self.head(features).softmax(-1).numpy()

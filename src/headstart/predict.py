@@ -1,150 +1,154 @@
-"""The predictor: a trained model turning image files into ``(label, probability, top-k)`` rows.
+"""The predictor: a trained model turning images into ``(label, probability, top-k)`` rows.
 
     >>> rows = Predictor(model).predict(["photos/"], top_k=3)
+    >>> rows = Predictor(model).predict_images([png_bytes], names=["upload.png"])
+
+The model is an ``ImageModel`` or an exported ``OnnxModel``: both give a feature source, a runner and
+``scores`` (see ``headstart.model``), so batching and test-time augmentation are written once, here.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .data.images import is_image_name, is_junk_name
-from tqdm.auto import tqdm
-
+from .cache import FeatureCache
 from .data.augment import FlipView
-from .data.pipeline import decoded_batches, default_decode_threads
-from .data.shards import ShardMember, shard_images
+from .data.images import ImageSource, is_image_name, is_junk_name, load_pixels, source_name
+from .data.shards import shard_images
 from .data.transforms import EvalTransform, decode_size
-from .engines import LazyRunner
-from .errors import ConfigError
-from .export import OnnxModel
-from .features import Extraction, FeatureCache, default_threads, extract_features, features_shape
+from .features import Extraction, extract_features
+from .hardware import Hardware
 
 __all__ = ["Predictor", "collect_images"]
 
 
-def collect_images(inputs: Iterable[str | Path]) -> list[Path | ShardMember]:
-    """Files as given, folders expanded recursively to their image files (sorted, hidden ones skipped), tar
-    shards (a ``.tar`` file or pattern) to the images in them."""
-    out: list[Path | ShardMember] = []
+def collect_images(inputs: Iterable[ImageSource]) -> list[ImageSource]:
+    """Paths as given, folders expanded recursively to their image files (sorted, hidden ones skipped), tar
+    shards (a ``.tar`` file or pattern) to the images in them; bytes, pictures and arrays pass through."""
+    out: list[ImageSource] = []
     for item in inputs:
-        p = Path(item)
-        if str(item).endswith(".tar"):
+        if isinstance(item, (str, os.PathLike)) and str(item).endswith(".tar"):
             out += shard_images(item)
-        elif p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
+        elif isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+            for dirpath, dirnames, filenames in os.walk(item):
                 dirnames[:] = sorted(d for d in dirnames if not is_junk_name(d))
                 out += [Path(dirpath) / f for f in sorted(filenames) if not is_junk_name(f) and is_image_name(f)]
         else:
-            out.append(p)  # a named file is always tried; a bad one becomes an error row
+            out.append(Path(item) if isinstance(item, (str, os.PathLike)) else item)  # always tried; bad: a row
     return out
 
 
 class Predictor:
-    """Batched prediction with a model's own preprocessing; bad files give error rows, never a crash.
+    """Batched prediction with a model's own preprocessing; bad images give error rows, never a crash.
 
-    ``model`` is an ``ImageModel`` or an exported ``OnnxModel``. For an ``ImageModel``, ``engine``
-    (``auto``, ``torch``, ``onnx``) runs the backbone unless a ``runner`` is given, and images go through
-    in chunks of ``chunk`` so memory stays flat for any number of files. With ``tta``, probabilities are
-    averaged over each image and its mirror image.
+    ``engine`` (``auto``, ``torch``, ``onnx``) runs the backbone unless a ``runner`` is given; images go
+    through in chunks of ``chunk`` so memory stays flat for any number of files. With ``tta``, probabilities
+    are averaged over each image and its mirror image.
 
     Raises:
         ConfigError: ``engine="torch"`` for an exported ONNX model.
     """
 
     def __init__(self, model, batch_size: int = 32, runner=None, engine: str = "auto", chunk: int = 1024,
-                 tta: bool = False):
+                 tta: bool = False, hardware: Hardware | None = None, cache: FeatureCache | None = None):
         self.model = model.eval()
         self.tta = tta
         self.batch_size = batch_size
         self.chunk = max(batch_size, chunk)
-        if isinstance(model, OnnxModel):
-            if engine == "torch":
-                raise ConfigError(f"{model.path} is an exported ONNX model and runs on ONNX Runtime only; "
-                                  "drop --engine torch, or predict from the run folder")
-            self.runner = model
-        else:
-            self.runner = runner if runner is not None else LazyRunner(model.backbone, engine, batch_size)
+        self.runner = runner if runner is not None else model.make_runner(engine, batch_size, hardware=hardware,
+                                                                          cache=cache)
 
     @property
     def classes(self) -> list[str]:
         return self.model.classes
 
-    def probabilities(self, paths: list[Path], cache: FeatureCache | None = None, progress=None):
-        """``(probs (N, n_classes) with NaN rows for unreadable files, errors {index: reason}, extraction)``.
+    def _views(self) -> list:
+        cfg = self.model.data_config
+        return [EvalTransform(cfg), FlipView(cfg)] if self.tta else [EvalTransform(cfg)]
 
-        Over more than ``chunk`` files, or for an ONNX model, the extraction's ``features`` are empty.
+    def probabilities(self, images: Sequence[ImageSource], cache: FeatureCache | None = None, progress=None,
+                      names: Sequence[str] | None = None):
+        """``(probs (N, n_classes) with NaN rows for unreadable images, errors {index: reason}, extraction)``.
+
+        ``extraction.computed`` counts every image through the backbone, in every view. Over more than
+        ``chunk`` images the extraction's ``features`` are empty.
         """
-        if isinstance(self.model, OnnxModel):
-            return self._onnx_probabilities(paths, progress)
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        parts = []
-        views = [None, FlipView(self.model.data_config)] if self.tta else [None]
-        for start in range(0, max(1, len(paths)), self.chunk):
-            part = paths[start:start + self.chunk]
-            for v, transform in enumerate(views):
-                ex = extract_features(self.model.backbone, part, cache, transform=transform,
+        names = list(names) if names is not None else [source_name(im, f"<image {i}>") for i, im in enumerate(images)]
+        probs = np.full((len(images), len(self.classes)), np.nan, dtype=np.float32)
+        parts, passes = [], 0
+        for start in range(0, max(1, len(images)), self.chunk):
+            part = images[start:start + self.chunk]
+            for v, transform in enumerate(self._views()):
+                ex = extract_features(self.model.feature_source, part, cache, transform=transform,
                                       batch_size=self.batch_size, runner=self.runner, progress=progress,
-                                      desc="predict", pool=self.model.head.feature_pool)
+                                      desc="predict", pool=self.model.feature_pool,
+                                      names=names[start:start + self.chunk])
+                passes += ex.computed
                 if ex.ok:
-                    with torch.inference_mode():
-                        p = self.model.head(ex.features).softmax(-1).numpy()
                     rows = [start + i for i in ex.ok]
+                    p = self.model.scores(ex.features)
                     probs[rows] = p if v == 0 else (probs[rows] * v + p) / (v + 1)
                 if v == 0:
                     parts.append((start, ex))
-        if len(parts) == 1:
-            return probs, parts[0][1].failed, parts[0][1]
-        merged = Extraction(
-            torch.empty((0, *features_shape(self.model.backbone, self.model.head.feature_pool))),
-            [s + i for s, ex in parts for i in ex.ok], [e for _, ex in parts for e in ex.errors],
-            {s + i: r for s, ex in parts for i, r in ex.failed.items()}, [d for _, ex in parts for d in ex.digests],
-            sum(ex.computed for _, ex in parts), sum(ex.cached for _, ex in parts))
+        merged = parts[0][1] if len(parts) == 1 else _merged(parts)
+        merged.computed = passes
         return probs, merged.failed, merged
 
-    def _onnx_probabilities(self, paths: list[Path], progress=None):
-        cfg = self.model.data_config
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        failed: dict[int, str] = {}
-        ok: list[int] = []
-        bar = tqdm(total=len(paths), desc="predict", unit="img", leave=False,
-                   disable=None if progress is None else not progress)
-        views = [EvalTransform(cfg), FlipView(cfg)] if self.tta else [EvalTransform(cfg)]
-        try:
-            for v, transform in enumerate(views):
-                for idx, batch, errors in decoded_batches(paths, range(len(paths)), transform, self.batch_size,
-                                                          min_size=decode_size(cfg),
-                                                          threads=default_decode_threads(default_threads())):
-                    if v == 0:
-                        failed.update(errors)
-                        ok += idx
-                        bar.update(len(idx) + len(errors))
-                    if idx:
-                        p = self.model.probabilities(batch)
-                        probs[idx] = p if v == 0 else (probs[idx] * v + p) / (v + 1)
-        finally:
-            bar.close()
-        failed = dict(sorted(failed.items()))
-        ex = Extraction(torch.empty((0,)), ok, [(str(paths[i]), r) for i, r in failed.items()], failed,
-                        [None] * len(paths), len(ok), 0)
-        return probs, failed, ex
+    def predict(self, inputs: Iterable[ImageSource], top_k: int = 1, progress=None) -> list[dict]:
+        """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``; folders
+        are expanded to their images."""
+        images = collect_images(inputs)
+        return self.predict_images(images, top_k=top_k, progress=progress)
 
-    def predict(self, inputs: Iterable[str | Path], top_k: int = 1, progress=None) -> list[dict]:
-        """Rows ``{"path", "label", "probability", "top_k": [{"label", "probability"}], "error"}``."""
-        paths = collect_images(inputs)
-        probs, errors, _ = self.probabilities(paths, progress=progress)
+    def predict_images(self, images: Sequence[ImageSource], names: Sequence[str] | None = None, top_k: int = 1,
+                       progress=None) -> list[dict]:
+        """``predict``'s rows for in-memory images (bytes, file objects, pictures, arrays) or paths, named by
+        ``names`` in the rows' ``path`` (default: their paths, or ``<image i>``)."""
+        names = list(names) if names is not None else [source_name(im, f"<image {i}>") for i, im in enumerate(images)]
+        probs, errors, _ = self.probabilities(images, progress=progress, names=names)
+        return [self.row(name, probs[i], errors.get(i), top_k) for i, name in enumerate(names)]
+
+    def row(self, name: str, probs: np.ndarray | None, error: str | None = None, top_k: int = 1) -> dict:
+        """One result row: the top ``top_k`` classes of ``probs``, or the ``error`` that kept it from a result."""
+        if error is not None or probs is None:
+            return {"path": name, "label": None, "probability": None, "top_k": [], "error": error}
         k = max(1, min(top_k, len(self.classes)))
-        rows = []
-        for i, p in enumerate(paths):
-            if i in errors:
-                rows.append({"path": str(p), "label": None, "probability": None, "top_k": [], "error": errors[i]})
-                continue
-            order = np.argsort(-probs[i])[:k]
-            top = [{"label": self.classes[j], "probability": float(probs[i, j])} for j in order]
-            rows.append({"path": str(p), "label": top[0]["label"], "probability": top[0]["probability"],
-                         "top_k": top, "error": None})
-        return rows
+        order = np.argsort(-probs)[:k]
+        top = [{"label": self.classes[j], "probability": float(probs[j])} for j in order]
+        return {"path": name, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top,
+                "error": None}
+
+    # -- the pieces a server batches itself: decode in worker threads, then one engine call ------------------
+    def prepare(self, image: ImageSource, name: str | None = None) -> torch.Tensor:
+        """One image decoded and transformed for the model, ``(3, H, W)``.
+
+        Raises:
+            ImageReadError: not a readable image (the reason says why).
+        """
+        pixels = load_pixels(image, min_size=decode_size(self.model.data_config), name=name)
+        return EvalTransform(self.model.data_config)(pixels)
+
+    def probabilities_of_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Class probabilities ``(N, classes)`` of prepared images ``(N, 3, H, W)``; with ``tta``, averaged with
+        their mirror images (flipping a normalised tensor equals the mirrored view: the transform is per pixel)."""
+        views = [batch, torch.from_numpy(np.ascontiguousarray(batch.numpy()[..., ::-1]))] if self.tta else [batch]
+        out = None
+        for v, x in enumerate(views):
+            feats = self.runner(x)
+            if self.model.feature_pool == "avg" and feats.ndim == 4:
+                feats = feats.mean(dim=(2, 3))
+            p = self.model.scores(feats)
+            out = p if out is None else (out * v + p) / (v + 1)
+        return out
+
+
+def _merged(parts: list[tuple[int, Extraction]]) -> Extraction:
+    return Extraction(
+        torch.empty((0,)), [s + i for s, ex in parts for i in ex.ok], [e for _, ex in parts for e in ex.errors],
+        {s + i: r for s, ex in parts for i, r in ex.failed.items()}, [d for _, ex in parts for d in ex.digests],
+        sum(ex.computed for _, ex in parts), sum(ex.cached for _, ex in parts))

@@ -15,21 +15,22 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .backbones.base import create_backbone
-from .backbones.registry import DataConfig
 from .backbones.weights import state_digest
+from .config import DataConfig, HeadConfig
 from .errors import HeadstartError, RunFormatError, StorageError
-from .features import atomic_write
-from .heads import Head, HeadConfig
+from .heads import Head
+from .io import atomic_write, write_json
 from .model import ImageModel
 
-__all__ = ["FORMAT_VERSION", "save_model", "write_json", "write_history", "load_model", "read_config",
+__all__ = ["FORMAT_VERSION", "RunReport", "save_model", "write_json", "write_history", "load_model", "read_config",
            "check_output_folder"]
 
 FORMAT_VERSION = 1
@@ -61,9 +62,36 @@ def check_output_folder(out: str | Path) -> None:
                            "permissions.") from exc
 
 
-def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=str)
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+@dataclass
+class RunReport:
+    """What a training did, beside the model: the data it saw, what it skipped and why, the cache's part, the
+    time it took. Built by ``ImageClassifier.fit``, printed by the CLI, written to the run's ``data.json``."""
+
+    split: str                                   # how the validation set was obtained
+    classes: list[str]
+    recipe: dict
+    backbone: dict                               # identity: name, weights source and digest, feature shape
+    train_counts: dict[str, int]
+    val_counts: dict[str, int]
+    skipped_unreadable: list[tuple[str, str]]    # (path, reason), train and val
+    ignored: list[tuple[str, str]]               # files passed over while scanning
+    train_val_duplicates: list[list[str]]
+    suspect_images: list[dict]
+    val_files: list[str]
+    cache_recomputed: list[dict]
+    cache_write_error: str | None
+    backbone_passes: dict[str, int]              # images through the (lower) backbone, per split
+    from_cache: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    best: dict = field(default_factory=dict)     # the history row of the saved weights
+    metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
+
+    def data_json(self) -> dict:
+        """The run's ``data.json``: everything but the metrics (``metrics.json``) and the best epoch."""
+        d = asdict(self)
+        for key in ("metrics", "best"):
+            d.pop(key)
+        return d
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .model import ImageModel
+
 __all__ = ["summary"]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Identity)
@@ -15,8 +17,6 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, n
 
 def _rows(model) -> list[tuple[str, nn.Module]]:
     """The layers shown: each layer group's parts (activations folded into the layer before, as Keras)."""
-    from .model import ImageModel
-
     backbone = model.backbone if isinstance(model, ImageModel) else model
     rows = []
     for group, module in backbone.layer_groups():
@@ -50,8 +50,6 @@ def summary(model, input_size: tuple[int, int] | None = None) -> str:
 
     Shapes are PyTorch's ``(batch, channels, height, width)``; a Keras 4x4x512 is ``(None, 512, 4, 4)``.
     """
-    from .model import ImageModel
-
     is_model = isinstance(model, ImageModel)
     backbone = model.backbone if is_model else model
     h, w = input_size or backbone.data_config.input_size

@@ -13,9 +13,9 @@ import numpy as np
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from ..backbones.registry import DataConfig
+from ..config import DataConfig
 from ..errors import ConfigError
-from .transforms import hflip, resize_for, to_tensor
+from .transforms import INTERPOLATION_MODES, hflip, resize_for, to_tensor
 
 __all__ = ["AugmentConfig", "PRESETS", "AugmentedView", "FlipView"]
 
@@ -55,7 +55,7 @@ def preset(name: str) -> AugmentConfig | None:
 class AugmentedView:
     """View ``index`` of an image under ``aug``, drawn from a generator seeded by (image digest, index, seed)."""
 
-    keyed = True
+    pixels = False  # torchvision's PIL-based geometry and colour ops
 
     def __init__(self, cfg: DataConfig, aug: AugmentConfig, index: int, seed: int = 0):
         self.cfg, self.aug, self.index, self.seed = cfg, aug, index, seed
@@ -63,7 +63,7 @@ class AugmentedView:
     def spec(self) -> dict:
         return {"augment": self.aug.to_dict(), "view": self.index, "seed": self.seed}
 
-    def __call__(self, im: Image.Image, key: str) -> "torch.Tensor":  # noqa: F821
+    def __call__(self, im: Image.Image, key: str | None = None) -> "torch.Tensor":  # noqa: F821
         h = hashlib.sha256(f"{key}:{self.index}:{self.seed}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
         a = self.aug
@@ -106,10 +106,9 @@ class FlipView:
     def spec(self) -> dict:
         return {"tta": "hflip"}
 
-    def __call__(self, im: "Image.Image | torch.Tensor"):  # noqa: F821
+    def __call__(self, im: "Image.Image | torch.Tensor", key: str | None = None):  # noqa: F821
         return to_tensor(hflip(resize_for(im, self.cfg)), self.cfg)
 
 
 def _interp(name: str):
-    return {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
-            "bicubic": TF.InterpolationMode.BICUBIC}[name]
+    return INTERPOLATION_MODES[name]

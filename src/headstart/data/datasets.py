@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ShardConfig
 from ..errors import DatasetError
 from . import shards
-from .images import is_image_name, is_junk_name
+from .images import is_image_name, is_junk_name, read_source
 
 __all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "read_shards", "load_dataset", "load_splits",
            "shard_dataset"]
@@ -288,5 +288,5 @@ def shard_dataset(data: str | Path, out: str | Path, config: ShardConfig = Shard
     """
     splits = load_splits(data, val_fraction=0.0)
     manifest = shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size,
-                                   source=str(data))
+                                   source=str(data), read=read_source)
     return manifest | {"ignored": splits.train.ignored}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ImageReadError
-from ..hardware import tune_malloc
-from .images import load_image, load_pixels
+from ..protocols import Transform
+from .images import ImageSource, load_image, load_pixels
 
 __all__ = ["decoded_batches", "default_decode_threads", "map_ahead"]
 
@@ -30,32 +30,30 @@ def default_decode_threads(cores: int) -> int:
     """Decode threads beside a backbone using ``cores``: two on a 2-core machine, half the cores on larger ones.
 
     Decoding a photo costs about a quarter of a light backbone's pass (efficientnet_lite0), so one thread
-    falls behind whenever the cores are shared; measured on 2 busy cores, two threads kept end-to-end
-    extraction at 0.61-0.69x of the backbone-only rate against 0.43-0.50x with one.
+    falls behind whenever the cores are shared (``benchmarks/RESULTS.md``).
     """
     return max(2, cores // 2)
 
 
 def _stack(items: list[torch.Tensor]) -> torch.Tensor:
     # numpy copies on the calling thread; torch.stack would wake torch's OpenMP team, whose threads then spin
-    # for a while after each batch, taking the cores from the decode threads and ONNX Runtime (measured:
-    # 3.2 vs 2.1 ms of CPU per photo for decoding with torch's stack vs numpy's)
+    # for a while after each batch, taking the cores from the decode threads and ONNX Runtime
     return torch.from_numpy(np.stack([t.numpy() for t in items]))
 
 
-def _prepare(path, transform, min_size, key):
+def _prepare(source, transform: Transform, min_size, key):
     try:
         # transforms that work on tensors take pixels straight from the JPEG decoder, without a Pillow copy
-        im = (load_pixels if getattr(transform, "pixels", False) else load_image)(path, min_size=min_size)
-        return transform(im, key) if getattr(transform, "keyed", False) else transform(im)
+        im = (load_pixels if transform.pixels else load_image)(source, min_size=min_size)
+        return transform(im, key)
     except ImageReadError as exc:
         return exc
 
 
 def decoded_batches(
-    paths: Sequence[str | Path],
+    paths: Sequence[ImageSource],
     indices: Iterable[int],
-    transform: Callable,
+    transform: Transform,
     batch_size: int,
     *,
     min_size: int | None = None,
@@ -66,15 +64,15 @@ def decoded_batches(
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Yield ``(indices, batch (n, 3, H, W) or None, errors [(index, reason)])`` in input order.
 
-    ``paths[i]`` for each ``i`` in ``indices`` is read (JPEGs in draft mode down to ``min_size``), passed
-    through ``transform`` and stacked; unreadable files become ``errors`` rows, never exceptions.
+    ``paths[i]`` (a path, bytes or picture: ``ImageSource``) for each ``i`` in ``indices`` is read (JPEGs in
+    draft mode down to ``min_size``), passed through ``transform`` and stacked; unreadable images become
+    ``errors`` rows, never exceptions.
     ``prefetch`` (default: two batches) bounds the images decoded ahead of the consumer; reading ahead, the
-    first batch holds a quarter of ``batch_size`` images, so the consumer starts sooner. A transform with
-    ``keyed = True`` (an augmented view) also receives ``keys[i]``, the image's content digest.
+    first batch holds a quarter of ``batch_size`` images, so the consumer starts sooner. The transform
+    receives ``keys[i]``, the image's content digest (an augmented view seeds its draw with it).
     ``read_ahead=False`` takes turns instead: nothing is decoded while the consumer holds a batch, and the next
     one is decoded by all ``threads`` when it asks (for engines whose threads spin-wait, see ``TorchRunner``).
     """
-    tune_malloc()  # each photo's decoded and resized copies are large blocks (see headstart.hardware)
     if not read_ahead:
         return _in_turns(paths, list(indices), transform, batch_size, min_size, threads, keys)
     return _read_ahead(paths, indices, transform, batch_size, min_size, threads, prefetch, keys)
@@ -125,7 +123,7 @@ def _read_ahead(paths, indices, transform, batch_size, min_size, threads, prefet
         return _prepare(paths[i], transform, min_size, keys[i] if keys else None)
 
     # the first batch is a quarter of the size: the backbone starts once a few images are ready, not a whole
-    # batch (32 photos took 50-60 ms to decode on 2 cores, while the backbone waited)
+    # batch
     size = max(1, batch_size // 4)
     try:
         idx, items, errors = [], [], []

@@ -1,7 +1,7 @@
 """Image -> tensor transforms built from a backbone's data config; no stats live anywhere else.
 
 Resampling runs on uint8 tensors with torchvision's antialiased kernels, which give Pillow's results
-(within 2 grey levels of 255) at a sixth of Pillow's time; a photo's resize then costs a quarter of its decode.
+(within 2 grey levels of 255) in a fraction of Pillow's time.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from ..backbones.registry import DataConfig
+from ..config import DataConfig
 
 __all__ = ["resize_for", "to_tensor", "hflip", "EvalTransform", "decode_size", "RESAMPLING"]
 
 # part of the feature cache key: features made by another resampling code are not reused
 RESAMPLING = "torchvision-antialias-1"
-_MODES = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
+INTERPOLATION_MODES = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
           "bicubic": TF.InterpolationMode.BICUBIC}
 _MAX_SPAN = 4  # a resized side longer than 4x the input side is cut first, so a 20000x20 strip costs a photo's time
 
@@ -70,7 +70,7 @@ def _resize(x: torch.Tensor, h: int, w: int, interpolation: str) -> torch.Tensor
         rows = np.minimum((np.arange(h) * (H / h)).astype(np.int64), H - 1)
         cols = np.minimum((np.arange(w) * (W / w)).astype(np.int64), W - 1)
         return torch.from_numpy(np.ascontiguousarray(x.numpy()[:, rows][:, :, cols]))
-    return TF.resize(x, [h, w], interpolation=_MODES[interpolation], antialias=True)
+    return TF.resize(x, [h, w], interpolation=INTERPOLATION_MODES[interpolation], antialias=True)
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
@@ -99,5 +99,8 @@ class EvalTransform:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def __call__(self, im: Image.Image | torch.Tensor) -> torch.Tensor:
+    def spec(self) -> None:
+        return None  # the plain view: cache entries keyed "eval"
+
+    def __call__(self, im: Image.Image | torch.Tensor, key: str | None = None) -> torch.Tensor:
         return to_tensor(resize_for(im, self.cfg), self.cfg)

@@ -32,7 +32,7 @@ def _reset(module: torch.nn.Module, seed: int) -> None:
 
 
 def fit_head(head: Head, x_train, y_train, x_val: torch.Tensor | None = None, y_val=None,
-             config: TrainConfig = TrainConfig(), progress: bool | None = None) -> list[dict]:
+             config: TrainConfig = TrainConfig(), progress: bool | None = None, device: str = "cpu") -> list[dict]:
     """Train ``head`` on features; returns the per-epoch history. The best epoch's weights end in ``head``.
 
     ``x_train`` is a feature tensor ``(N, C, H, W)`` / ``(N, C)``, or a list of them (one per augmented
@@ -49,5 +49,7 @@ def fit_head(head: Head, x_train, y_train, x_val: torch.Tensor | None = None, y_
         yv = torch.as_tensor(np.asarray(y_val), dtype=torch.long)
     _reset(head.layers, config.seed)
     weight = class_weights(y_train.numpy(), head.num_classes) if config.class_weight else None
-    return run_loop(head.layers, [{"params": list(head.layers.parameters())}], inputs, y_train, xv, yv,
-                    config, class_weight=weight, progress=progress, desc="train head")
+    history = run_loop(head.layers, [{"params": list(head.layers.parameters())}], inputs, y_train, xv, yv,
+                       config, class_weight=weight, progress=progress, desc="train head", device=device)
+    head.layers.to("cpu")  # a trained head is saved, exported and used for prediction on the CPU
+    return history

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +25,10 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..distributed import SINGLE, Distributed
 from ..errors import RunFormatError
-from ..hardware import tune_malloc
+from ..io import atomic_write
 from .steps import RankSteps
 
-__all__ = ["run_loop"]
+__all__ = ["run_loop", "Trainer", "LoopData"]
 
 log = logging.getLogger("headstart")
 
@@ -50,107 +51,163 @@ def _set_train(module: nn.Module) -> None:
             m.eval()
 
 
+@dataclass
+class LoopData:
+    """What the loop trains on: one tensor ``(N, ...)`` per cached view of the training images, their labels,
+    and the validation inputs and labels (or ``None``)."""
+
+    views: list[torch.Tensor]
+    y: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    @property
+    def has_val(self) -> bool:
+        return self.x_val is not None and len(self.x_val) > 0
+
+
 def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torch.Tensor], y_train: torch.Tensor,
              x_val: torch.Tensor | None, y_val: torch.Tensor | None, config: TrainConfig, *,
              class_weight: torch.Tensor | None = None, checkpoint: Path | None = None, resume: bool = False,
              on_epoch: Callable[[dict], None] | None = None, progress: bool | None = None,
-             desc: str = "train", baseline: float = float("inf"), dist: Distributed = SINGLE) -> list[dict]:
+             desc: str = "train", baseline: float = float("inf"), device: str = "cpu",
+             dist: Distributed = SINGLE) -> list[dict]:
     """Train ``module`` (inputs -> logits) and leave the best epoch's weights in it; returns the history.
 
     ``train_views``: one tensor ``(N, ...)`` per view. ``checkpoint``: a file written atomically after each
     epoch (weights, optimizer, generator, history); with ``resume`` an existing one is continued.
     ``baseline``: the monitored loss of the weights as given; an epoch must beat it to replace them.
-    ``dist``: the process group; over several ranks, each takes its part of every step (``steps.RankSteps``),
-    gradients are averaged (DistributedDataParallel) and rank 0 writes the checkpoint: the same steps, and the
-    same history up to rounding, as one process.
+    ``device``: where the module and each batch run (the caller's ``Hardware.device``). ``dist``: the process
+    group (see ``Trainer``).
     """
-    tune_malloc()  # fine-tuning lite0 on 2 cores: 15.9 vs 10.2 img/s (see headstart.hardware)
-    opt = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=config.label_smoothing, reduction="none")
-    plain = nn.CrossEntropyLoss(reduction="sum")
-    n, k = len(y_train), len(train_views)
-    steps = RankSteps(n, config.batch_size, dist, config.seed)
-    steps_per_epoch = len(steps)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # dropout draws
-    state = {"epoch": 0, "step": 0, "best": baseline, "best_epoch": 0, "stale": 0, "history": [], "done": False}
-    best_state = copy.deepcopy(module.state_dict())
+    trainer = Trainer(module, param_groups, config, class_weight=class_weight, baseline=baseline, device=device,
+                      dist=dist)
     if resume and checkpoint is not None and checkpoint.exists():
-        best_state = _restore(checkpoint, module, opt, gen, state)
-        log.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
-    dist.agree(state["epoch"], f"the epoch to resume from; every rank must see the same {checkpoint}: put --out "
-                               "on a file system all nodes share")
-    model = dist.wrap(module)  # gradients averaged over the ranks (the module itself for one process)
-    has_val = x_val is not None and len(x_val) > 0
-    bar = tqdm(total=config.epochs, initial=state["epoch"], desc=desc, unit="epoch", leave=False,
-               disable=None if progress is None else not progress)
-    while not state["done"] and state["epoch"] < config.epochs:
+        trainer.restore(checkpoint)
+    dist.agree(trainer.state["epoch"], f"the epoch to resume from; every rank must see the same {checkpoint}: put "
+                                       "--out on a file system all nodes share")
+    return trainer.fit(LoopData(train_views, y_train, x_val, y_val), checkpoint=checkpoint, on_epoch=on_epoch,
+                       progress=progress, desc=desc)
+
+
+class Trainer:
+    """AdamW over ``param_groups`` with the schedule of ``config``; early stopping on the monitored loss (val,
+    else train) and the best epoch's weights kept. Its progress is ``state`` (a plain dict: checkpoints carry
+    it as JSON).
+
+    Over the ranks of a process group (``dist``), each rank takes its part of every step (``steps.RankSteps``),
+    gradients are averaged by DistributedDataParallel, validation is split between the ranks and summed, and
+    rank 0 alone writes the checkpoint: the same steps, and the same history up to rounding, as one process."""
+
+    def __init__(self, module: nn.Module, param_groups: list[dict], config: TrainConfig, *,
+                 class_weight: torch.Tensor | None = None, baseline: float = float("inf"), device: str = "cpu",
+                 dist: Distributed = SINGLE):
+        self.module, self.config, self.device, self.dist = module.to(device), config, device, dist
+        self.opt = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.class_weight = class_weight.to(device) if class_weight is not None else None
+        # per image: a step's loss is summed over this rank's images and scaled to the whole batch's mean
+        self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, label_smoothing=config.label_smoothing,
+                                           reduction="none")
+        self.plain = nn.CrossEntropyLoss(reduction="sum")
+        self.gen = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # dropout draws
+        self.state = {"epoch": 0, "step": 0, "best": baseline, "best_epoch": 0, "stale": 0, "history": [],
+                      "done": False}
+        self.best_state = copy.deepcopy(module.state_dict())
+
+    def restore(self, checkpoint: Path) -> None:
+        self.best_state = _restore(checkpoint, self.module, self.opt, self.gen, self.state)
+        log.info("resumed from %s after epoch %d", checkpoint, self.state["epoch"])
+
+    def fit(self, data: LoopData, *, checkpoint: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+            progress: bool | None = None, desc: str = "train") -> list[dict]:
+        state, config = self.state, self.config
+        # wrapped once the weights are final (restored or not); DDP starts every rank from rank 0's weights
+        self.model = self.dist.wrap(self.module)
+        bar = tqdm(total=config.epochs, initial=state["epoch"], desc=desc, unit="epoch", leave=False,
+                   disable=None if progress is None else not progress)
+        while not state["done"] and state["epoch"] < config.epochs:
+            row = self._epoch(data)
+            self._track_best(row, data.has_val)
+            if checkpoint is not None and self.dist.primary:
+                _save(checkpoint, self.module, self.opt, self.gen, state, self.best_state)
+            if on_epoch is not None:
+                on_epoch(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith("val_")})
+        bar.close()
+        self.module.load_state_dict(self.best_state)
+        self.module.eval()
+        for row in state["history"]:
+            row["best"] = row["epoch"] == state["best_epoch"]
+        return state["history"]
+
+    def _epoch(self, data: LoopData) -> dict:
         t0 = time.perf_counter()
-        _set_train(module)
-        views = torch.randint(0, k, (n,), generator=gen)
+        state, config, n, k = self.state, self.config, len(data.y), len(data.views)
+        steps = RankSteps(n, config.batch_size, self.dist, config.seed)
+        total, warmup = len(steps) * config.epochs, int(round(config.warmup_epochs * len(steps)))
+        _set_train(self.module)
+        views = torch.randint(0, k, (n,), generator=self.gen)
         loss_sum, correct = 0.0, 0
         for step in steps.epoch(state["epoch"]):
             idx = step.idx
-            x = torch.stack([train_views[int(v)][int(j)] for j, v in zip(idx, views[idx])]) if k > 1 \
-                else train_views[0][idx]
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * _lr_factor(state["step"], total_steps, warmup, config.cosine)
-            logits = model(x)
-            per_image = loss_fn(logits, y_train[idx]) * step.real
-            scale = steps.scale(step, y_train, class_weight)
-            loss = per_image.sum() * scale  # this rank's share of the step's batch mean
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], config.clip_grad)
-            opt.step()
+            x = torch.stack([data.views[int(v)][int(j)] for j, v in zip(idx, views[idx])]) if k > 1 \
+                else data.views[0][idx]
+            for g, base in zip(self.opt.param_groups, self.base_lrs):
+                g["lr"] = base * _lr_factor(state["step"], total, warmup, config.cosine)
+            scale = steps.scale(step, data.y, self.class_weight.cpu() if self.class_weight is not None else None)
+            loss, hits = self._step(x.to(self.device), data.y[idx].to(self.device), step.real.to(self.device), scale)
             state["step"] += 1
-            loss_sum += float(loss.detach()) / dist.world_size * step.count
-            correct += int(((logits.argmax(1) == y_train[idx]).float() * step.real).sum())
-        loss_sum, correct = dist.sum([loss_sum, correct])
+            loss_sum += loss * step.count
+            correct += hits
+        loss_sum, correct = self.dist.sum([loss_sum, correct])
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "train_loss": loss_sum / n, "train_accuracy": correct / n,
-               "lr": opt.param_groups[0]["lr"]}
-        if has_val:
-            row["val_loss"], row["val_accuracy"] = _evaluate(module, x_val, y_val, plain, config.batch_size, dist)
+               "lr": self.opt.param_groups[0]["lr"]}
+        if data.has_val:
+            row["val_loss"], row["val_accuracy"] = _evaluate(self.module, data.x_val, data.y_val, self.plain,
+                                                             config.batch_size, self.device, self.dist)
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
+        return row
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor, scale: float) -> tuple[float, int]:
+        """One optimizer step on this rank's part of a batch; returns its share of the batch's mean loss (the
+        shares of all ranks add up to it) and its correct predictions. ``real``: 0 for the sampler's padding."""
+        logits = self.model(x)
+        loss = (self.loss_fn(logits, y) * real).sum() * scale
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad:
+            nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.config.clip_grad)
+        self.opt.step()
+        return float(loss.detach()) / self.dist.world_size, int(((logits.argmax(1) == y).float() * real).sum())
+
+    def _track_best(self, row: dict, has_val: bool) -> None:
+        state = self.state
         monitored = row["val_loss"] if has_val else row["train_loss"]
         if monitored < state["best"] - 1e-6:
             state["best"], state["stale"], state["best_epoch"] = monitored, 0, state["epoch"]
-            best_state = copy.deepcopy(module.state_dict())
+            self.best_state = copy.deepcopy(self.module.state_dict())
         else:
             state["stale"] += 1
-        state["done"] = state["stale"] >= config.patience
-        if checkpoint is not None and dist.primary:
-            _save(checkpoint, module, opt, gen, state, best_state)
-        if on_epoch is not None:
-            on_epoch(row)
-        bar.update(1)
-        bar.set_postfix({kk: f"{v:.3f}" for kk, v in row.items() if kk.startswith("val_")})
-    bar.close()
-    module.load_state_dict(best_state)
-    module.eval()
-    for row in state["history"]:
-        row["best"] = row["epoch"] == state["best_epoch"]
-    return state["history"]
+        state["done"] = state["stale"] >= self.config.patience
 
 
-def _evaluate(module, x, y, loss_fn, batch, dist: Distributed = SINGLE):
+def _evaluate(module, x, y, loss_fn, batch, device="cpu", dist: Distributed = SINGLE):
     """Mean loss (``loss_fn`` sums) and accuracy on ``x``; each rank takes a contiguous part, summed over ranks."""
     module.eval()
-    total, correct = 0.0, 0
+    total, correct, step = 0.0, 0, max(batch, 256)
     lo, hi = len(x) * dist.rank // dist.world_size, len(x) * (dist.rank + 1) // dist.world_size
-    chunk = max(batch, 256)
     with torch.no_grad():
-        for i in range(lo, hi, chunk):
-            j = min(i + chunk, hi)
-            logits = module(x[i:j])
-            total += float(loss_fn(logits, y[i:j]))
-            correct += int((logits.argmax(1) == y[i:j]).sum())
+        for i in range(lo, hi, step):
+            j = min(i + step, hi)
+            xs, ys = x[i:j].to(device), y[i:j].to(device)
+            logits = module(xs)
+            total += float(loss_fn(logits, ys))
+            correct += int((logits.argmax(1) == ys).sum())
     total, correct = dist.sum([total, correct])
     return total / len(x), correct / len(x)
 
@@ -163,15 +220,13 @@ def _save(path: Path, module, opt, gen, state, best_state) -> None:
     """The last epoch (weights, optimizer, generators, history) in one atomic file; the best epoch's weights
     in a second file, written right after whenever this epoch is the best. A kill between the two leaves
     the best equal to the last epoch's weights, which the first file holds."""
-    from ..features import atomic_write
-
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     opt_state = opt.state_dict()
     scalars = {}
     for pid, s in opt_state["state"].items():
         for name, v in s.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{name}"] = v.detach().contiguous().clone().reshape(v.shape)
+                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().contiguous().clone().reshape(v.shape)
             else:
                 scalars[f"{pid}.{name}"] = v
     tensors["rng"] = gen.get_state()
@@ -181,7 +236,7 @@ def _save(path: Path, module, opt, gen, state, best_state) -> None:
                                         for g in opt_state["param_groups"]])}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     if state["best_epoch"] == state["epoch"]:
-        best = {k: v.detach().contiguous() for k, v in best_state.items()}
+        best = {k: v.detach().cpu().contiguous() for k, v in best_state.items()}
         atomic_write(_best_path(path), lambda tmp: save_file(best, tmp, metadata={"epoch": str(state["epoch"])}))
 
 

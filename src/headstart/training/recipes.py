@@ -4,9 +4,9 @@ head only) and ``finetune`` (head first, then the last layer groups on activatio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ..config import STRATEGIES, Recipe, TrainConfig
 from ..distributed import SINGLE, Distributed
 from ..errors import DatasetError
 from ..engines import LazyRunner
+from ..hardware import Hardware
 from ..features import extract_features
 from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
@@ -60,6 +61,20 @@ def _extract(source, paths, cache, transform=None, progress=None, desc="", runne
     return ex
 
 
+def _views(source, train, recipe, cache, seed, progress, runner, pool):
+    """The eval view plus ``recipe.views`` augmented views of the training images, aligned on the images read
+    in every view (a file that changed or vanished between two views is left out of all of them)."""
+    base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner, pool=pool)
+    extractions = [base]
+    for v, view in enumerate(_augmented(source, recipe, seed)):
+        extractions.append(_extract(source, train.paths, cache, view, progress, f"train view {v + 1}/{recipe.views}",
+                                    runner, pool))
+    ok = sorted(set.intersection(*(set(ex.ok) for ex in extractions)))
+    tensors = [_rows(ex, ok) for ex in extractions]
+    passes, cached = sum(ex.computed for ex in extractions), sum(ex.cached for ex in extractions)
+    return tensors, ok, base, passes, cached
+
+
 def _augmented(source, recipe, seed) -> list[AugmentedView]:
     """The augmented views of the training images that ``recipe`` trains on (none for ``frozen``)."""
     aug = preset(recipe.augmentation)
@@ -68,36 +83,31 @@ def _augmented(source, recipe, seed) -> list[AugmentedView]:
     return [AugmentedView(source.data_config, aug, v, seed) for v in range(recipe.views)]
 
 
-def _views(source, train, recipe, cache, seed, progress, runner, pool):
-    """The eval view plus ``recipe.views`` augmented views of the training images, aligned on readable files."""
-    base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner, pool=pool)
-    views, passes, cached = [base], base.computed, base.cached
-    for v, view in enumerate(_augmented(source, recipe, seed)):
-        ex = _extract(source, train.paths, cache, view, progress, f"train view {v + 1}/{recipe.views}", runner, pool)
-        views.append(ex)
-        passes, cached = passes + ex.computed, cached + ex.cached
-    ok = base.ok
-    tensors = [base.features] + [v.features for v in views[1:]]  # a file readable once is readable in every view
-    return tensors, ok, base, passes, cached
+def _rows(ex, ok: list[int]) -> torch.Tensor:
+    if ex.ok == ok:
+        return ex.features
+    where = {i: j for j, i in enumerate(ex.ok)}
+    return ex.features[[where[i] for i in ok]]
 
 
 def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, cache, *,
                  checkpoint_dir: Path | None = None, resume: bool = False, progress=None,
-                 engine: str = "auto", dist: Distributed = SINGLE) -> TrainResult | None:
+                 engine: str = "auto", hardware: Hardware | None = None,
+                 dist: Distributed = SINGLE) -> TrainResult | None:
     """Run ``recipe``; the backbone (fine-tuned in place for ``finetune``) and ``head`` end trained.
     ``engine`` runs the frozen part (see ``headstart.engines``); one runner serves every view and split.
+    ``hardware`` (default: the CPU) is where the engine and the training run.
 
     Under a process group (``dist``), the ranks first spread the extraction of every split and view between them
     (``spread.spread_extraction``); a frozen head then trains on rank 0 alone, from the cache, exactly as one
-    process would, and the other ranks return None; fine-tuning runs on every rank (``loop.run_loop``)."""
-    source = backbone
-    upper = None
+    process would, and the other ranks return None; fine-tuning runs on every rank (``loop.Trainer``)."""
+    hardware = hardware or Hardware()
+    source, upper = backbone, None
     if recipe.strategy == "finetune":
-        unfreeze = recipe.unfreeze or backbone.entry.finetune_groups
-        source, upper = split_backbone(backbone, unfreeze)
+        source, upper = split_backbone(backbone, recipe.unfreeze or backbone.entry.finetune_groups)
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
-    runner = LazyRunner(source, engine, cache=cache)
+    runner = LazyRunner(source, engine, cache=cache, hardware=hardware)
     pool = feature_pool(recipe, head)
     spread = None
     if dist.active:
@@ -106,59 +116,29 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
             return None
     views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
-    counts = np.bincount(y_tr, minlength=len(splits.train.classes))
-    if (counts == 0).any():
-        empty = [c for c, n in zip(splits.train.classes, counts) if n == 0]
-        raise DatasetError(f"class(es) {empty} have no readable training image after skipping "
-                           f"{len(base.errors)} unreadable file(s); add readable images.")
+    _check_classes_readable(splits.train.classes, y_tr, len(base.errors))
     val = None
     if splits.val is not None and len(splits.val):
         val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner,
                        pool=pool)
     y_va = splits.val.labels[val.ok] if val is not None else None
-
-    def top(x):  # boundary activations -> backbone features, in chunks
-        if upper is None:
-            return x
-        upper.eval()
-        with torch.no_grad():
-            return torch.cat([upper(x[i:i + 64]) for i in range(0, len(x), 64)]) if len(x) else x
-
+    top = _Top(upper)
     history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
-                       progress=progress)
+                       progress=progress, device=hardware.device)
     for row in history:
         row["stage"] = "head"
     if upper is not None:
-        model = nn.Sequential(upper, head)
-        groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * recipe.head_lr_factor,
-                                       recipe.lr_decay, weight_decay=recipe.finetune_weight_decay,
-                                       head_weight_decay=config.weight_decay)
-        loop = dataclasses.replace(config, epochs=recipe.finetune_epochs, patience=recipe.finetune_patience(),
-                                   warmup_epochs=recipe.finetune_warmup_epochs, cosine=True,
-                                   clip_grad=config.clip_grad or recipe.finetune_clip_grad)
-        weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
-        ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
-        yv = torch.as_tensor(y_va) if val is not None else None
-        best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
-        stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
-                          class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
-                          desc="fine-tune", baseline=best_head, dist=dist)
-        for row in stage2:
-            row["stage"] = "finetune"
-            row["epoch"] += len(history)
-        history += stage2
+        history += _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
+                             progress, hardware, dist)
         backbone.freeze().eval()
         # new weights, new identity: cached features and exported graphs of the old ones must not be reused
         backbone.weights_digest = state_digest(backbone.body.state_dict())
-    val_features = top(val.features) if val is not None else None
     errors = base.errors + (val.errors if val else [])
+    val_counts = (val.computed, val.cached) if val else (0, 0)
     if spread is not None:  # what went through the backbone on every rank, not this rank's reads of the cache
-        passes, cached = spread["train"]
-        val_counts = spread.get("val", (0, 0))
-    else:
-        val_counts = (val.computed, val.cached) if val else (0, 0)
-    return TrainResult(head, history, val_features, val.ok if val else [], errors, base, val,
-                       {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]})
+        (passes, cached), val_counts = spread["train"], spread.get("val", (0, 0))
+    return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
+                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]})
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
@@ -177,3 +157,50 @@ def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -
         was = totals.get(name, (0, 0))
         totals[name] = (was[0] + c, was[1] + h)
     return totals
+
+
+def _check_classes_readable(classes: list[str], labels: np.ndarray, n_errors: int) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(classes, counts) if n == 0]
+        raise DatasetError(f"class(es) {empty} have no readable training image after skipping "
+                           f"{n_errors} unreadable file(s); add readable images.")
+
+
+class _Top:
+    """Boundary activations -> backbone features through the fine-tuned top (identity when frozen)."""
+
+    def __init__(self, upper):
+        self.upper = upper
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upper is None:
+            return x
+        self.upper.eval()
+        with torch.no_grad():
+            return torch.cat([self.upper(x[i:i + 64]) for i in range(0, len(x), 64)]) if len(x) else x
+
+
+def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
+              hardware, dist: Distributed = SINGLE) -> list[dict]:
+    """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
+    must beat the head stage's best monitored loss to replace them)."""
+    model = nn.Sequential(upper, head)
+    groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * recipe.head_lr_factor,
+                                   recipe.lr_decay, weight_decay=recipe.finetune_weight_decay,
+                                   head_weight_decay=config.weight_decay)
+    loop = dataclasses.replace(config, epochs=recipe.finetune_epochs, patience=recipe.finetune_patience(),
+                               warmup_epochs=recipe.finetune_warmup_epochs, cosine=True,
+                               clip_grad=config.clip_grad or recipe.finetune_clip_grad)
+    weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
+    ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
+    yv = torch.as_tensor(y_va) if val is not None else None
+    best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
+    stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
+                      class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
+                      desc="fine-tune", baseline=best_head, device=hardware.device, dist=dist)
+    model.to("cpu")
+    for row in stage2:
+        row["stage"] = "finetune"
+        row["epoch"] += len(history)
+    return stage2
