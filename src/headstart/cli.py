@@ -209,6 +209,9 @@ def _cmd_shard(args) -> None:
         print(f"  left out {path}: {reason}")
     if manifest["skipped"]:
         print(f"left out {len(manifest['skipped'])} unreadable file(s) (listed in {Path(args.out) / 'dataset.json'})")
+    if manifest["ignored"]:
+        print(f"passed over {len(manifest['ignored'])} file(s) that are not images (listed under ignored in "
+              f"{Path(args.out) / 'dataset.json'})")
     train = manifest["splits"]["train"]["shards"]
     print(f"classes: {', '.join(manifest['classes'])}")
     print(f"train with: headstart train '{Path(args.out) / shard_pattern(train)}' --out RUN")

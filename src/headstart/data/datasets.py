@@ -280,13 +280,11 @@ def _described(source) -> str:
 
 def shard_dataset(data: str | Path, out: str | Path, config: ShardConfig = ShardConfig()) -> dict:
     """Write the data set at ``data`` (any layout ``load_splits`` reads; no split is made up) as tar shards in
-    ``out`` with its ``dataset.json`` (``data.shards.write_shards``); returns that manifest, with ``ignored``
-    (files the scan passed over) added.
+    ``out`` with its ``dataset.json`` (``data.shards.write_shards``); returns that manifest.
 
     Raises:
         DatasetError: as ``load_splits``. StorageError: ``out`` holds shards already or cannot be written.
     """
     splits = load_splits(data, val_fraction=0.0)
-    manifest = shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size,
-                                   source=str(data), read=read_source)
-    return manifest | {"ignored": splits.train.ignored}
+    return shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size, source=str(data),
+                               read=read_source)

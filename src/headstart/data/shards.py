@@ -211,8 +211,15 @@ def _scan_one(path: Path, ignored: list) -> list[tuple[ShardMember, str | None]]
         kind = "cannot be opened as an uncompressed tar file" if n == 0 else f"is damaged after {n} member(s)"
         ignored.append((str(path), f"{kind} ({type(exc).__name__}: {str(exc)[:100]}); "
                                    f"{'the samples before the damage are used' if n else 'write it again'}"))
-    return [(ShardMember(str(path), images[k].name, images[k].offset_data, images[k].size), labels.get(k))
-            for k in order]
+    size = path.stat().st_size if n else 0
+    kept = []
+    for k in order:
+        info = images[k]
+        if info.offset_data + info.size > size:
+            ignored.append((f"{path}#{info.name}", "is cut: the shard ends inside it"))
+        else:
+            kept.append((ShardMember(str(path), info.name, info.offset_data, info.size), labels.get(k)))
+    return kept
 
 
 def shard_images(pattern: str | Path) -> list[ShardMember]:
@@ -250,7 +257,7 @@ def write_shards(splits, out: str | Path, *, max_count: int, max_size: int, sour
                  read=None) -> dict:
     """Write ``splits`` (``train``, ``val``, ``test``: datasets of ``(path, label)`` samples, or None) as
     ``out/<split>-000000.tar``... with at most ``max_count`` images and about ``max_size`` bytes per shard,
-    then ``out/dataset.json``; returns that manifest.
+    then ``out/dataset.json``; returns that manifest (with the files the data set's scan passed over, ``ignored``).
 
     Each shard is written under a temporary name and renamed when whole, and the manifest comes last, so an
     interrupted run leaves no shard that looks complete but is not. ``read`` reads a file's bytes (default:
@@ -271,7 +278,7 @@ def write_shards(splits, out: str | Path, *, max_count: int, max_size: int, sour
     read = read or (lambda p: Path(p).read_bytes())
     classes = splits.train.classes
     manifest = {"format": FORMAT, "version": 1, "classes": list(classes), "source": source, "splits": {},
-                "skipped": []}
+                "skipped": [], "ignored": [list(row) for row in getattr(splits.train, "ignored", [])]}
     for split in _SPLITS:
         ds = getattr(splits, split, None)
         if ds is None or not len(ds):
