@@ -1,8 +1,13 @@
-"""Shared fixtures: small generated image folders, an isolated feature cache, offline hub."""
+"""Shared fixtures: small generated image folders, an isolated feature cache, offline hub, the fast tier's
+classifier settings, and a recorder of the files a piece of code opens."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
 VGG16_NOTOP = SHARED / "weights" / "vgg16_imagenet_notop.safetensors"
+
+# The fast tier's classifier: test_tiny (6k parameters, its own 32x32 input, "pretrained" weights that are a
+# fixed seeded draw available offline), so every process builds the same backbone and can share a cache.
+# Enough epochs that a head on its features separates the generated colour classes.
+FAST = dict(backbone="test_tiny", epochs=30, patience=30)
+FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5"]
+
+
+def fuzz_examples(fast_tier: int) -> int:
+    """Examples per fuzz test: ``fast_tier`` (what a run of seconds affords), or ``$HEADSTART_FUZZ_EXAMPLES``
+    for a long hunt. A failing example is kept in hypothesis' database and tried first next time."""
+    return int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", fast_tier))
 
 
 @pytest.fixture(autouse=True)
@@ -52,12 +69,91 @@ def needs_shared(*paths):
     return pytest.mark.skipif(bool(missing), reason=f"needs {missing} (../shared beside the checkout)")
 
 
-def random_vgg_weights(path: Path, input_size: int = 32) -> Path:
-    """A VGG16 weights file of random values: processes given it build the same backbone and share a cache."""
+def weights_file(path: Path, backbone: str = "test_tiny", input_size: int | None = None) -> Path:
+    """A weights file for ``backbone`` (its seeded random initialisation): given it, processes build the same
+    backbone, load it through the ``--weights FILE`` path, and share a cache."""
     from safetensors.torch import save_file
 
     from headstart import create_backbone
 
-    torch_state = create_backbone("vgg16", weights=None, input_size=input_size).body.state_dict()
-    save_file({k: v.contiguous() for k, v in torch_state.items()}, str(path))
+    state = create_backbone(backbone, weights=None, input_size=input_size).body.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+# -- which files a piece of code opens: Python's audit hook sees every open() and os.open() ----------------
+
+_WATCHERS: list = []
+_inside = threading.local()
+
+
+def _audit(event, args):
+    if event != "open" or not _WATCHERS or getattr(_inside, "busy", False) or not args:
+        return
+    if not isinstance(args[0], (str, bytes, os.PathLike)):
+        return  # a file descriptor
+    path = Path(os.fsdecode(args[0]))
+    writing = bool((args[2] if len(args) > 2 and isinstance(args[2], int) else 0) & (os.O_WRONLY | os.O_RDWR))
+    _inside.busy = True
+    try:
+        for watch in list(_WATCHERS):
+            watch(path, writing)
+    finally:
+        _inside.busy = False
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed; this one acts only while a watcher is registered
+
+
+@contextlib.contextmanager
+def watching_opens(watch):
+    """Call ``watch(path, writing)`` on every file opened (by any thread) inside the block; an exception it
+    raises is raised by that ``open``."""
+    _WATCHERS.append(watch)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watch)
+
+
+@contextlib.contextmanager
+def recording_opens():
+    """The paths of the files opened inside the block, in order (files opened inside Rust are not seen)."""
+    opened: list[str] = []
+    with watching_opens(lambda path, writing: opened.append(str(path))):
+        yield opened
+
+
+@contextlib.contextmanager
+def refusing_reads(root: Path, what: str = "feature extraction started"):
+    """Any image file under ``root`` opened inside the block fails the test (raised from that ``open``, so it
+    reaches the caller from a worker thread too); the long work starts by reading the images."""
+    root = Path(root).resolve()
+    opened: list[str] = []
+
+    def watch(path, writing):
+        if path.resolve().is_relative_to(root) and path.suffix.lower() in {".png", ".jpg", ".jpeg", ".gif"}:
+            opened.append(str(path))
+            raise AssertionError(f"{what}: {path} was opened")
+
+    with watching_opens(watch):
+        yield opened
+    assert not opened, f"{what}: {opened[:3]}"
+
+
+@contextlib.contextmanager
+def disk_full_under(root: Path, kind: str = ".safetensors"):
+    """Writing a ``kind`` file under ``root`` (its temporary file too: the name holds the final one) fails as on
+    a full disk: the file is created, then ENOSPC. Small files of other kinds still fit. Yields the refused
+    paths."""
+    root = Path(root).resolve()
+    refused: list[str] = []
+
+    def watch(path, writing):
+        if writing and kind in path.name and path.resolve().is_relative_to(root):
+            refused.append(str(path))
+            path.touch()  # created, then the write fails: what is left behind must be cleaned up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with watching_opens(watch):
+        yield refused

@@ -10,10 +10,11 @@ from safetensors.torch import save_file
 
 from headstart import create_backbone
 from headstart.backbones import names
+from headstart.cli import main
 from headstart.errors import ConfigError, UnknownBackboneError, WeightsMismatchError, WeightsUnavailableError
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", names(include_hidden=True))
 def test_every_backbone_keeps_the_contract(name):
     bb = create_backbone(name, weights=None, input_size=64)
     x = torch.randn(2, 3, 64, 64)
@@ -29,6 +30,18 @@ def test_every_backbone_keeps_the_contract(name):
     bb.unfreeze(1)
     last = {id(p) for p in groups[-1][1].parameters()}
     assert all(p.requires_grad == (id(p) in last) for p in bb.parameters())
+
+
+def test_the_test_backbone_is_hidden_from_the_list_but_built_by_name(capsys):
+    assert "test_tiny" in names(include_hidden=True) and "test_tiny" not in names()
+    assert main(["backbones"]) == 0
+    listed = capsys.readouterr().out
+    assert "efficientnet_lite0" in listed and "test_tiny" not in listed
+    bb = create_backbone("test_tiny")  # its fixed seeded weights, offline
+    assert bb.weights_source == "builtin:test_tiny" and bb.feature_shape == (32, 4, 4)
+    assert bb.weights_digest == create_backbone("test_tiny").weights_digest != create_backbone(
+        "test_tiny", weights=None).weights_digest
+    assert sum(p.numel() for p in bb.parameters()) < 10_000
 
 
 def test_vgg16_at_150_matches_the_keras_recipe():

@@ -19,12 +19,11 @@ import pytest
 from PIL import Image
 
 import headstart
-from conftest import make_folder, make_image, random_vgg_weights
+from conftest import FAST, FAST_CLI, make_folder, make_image
 from headstart.cli import main
 from headstart.data import load_image, load_splits
 from headstart.errors import DatasetError, ImageReadError
 
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=30, patience=30)
 BLUE = (40, 60, 200)
 
 
@@ -233,9 +232,8 @@ def test_same_image_in_train_and_val_is_warned_and_listed(dirty):
 def test_duplicate_warning_reaches_the_cli(tmp_path, capsys):
     root = make_folder(tmp_path / "d", per_class=3, val_per_class=2)
     (root / "val" / "red" / "dup.png").write_bytes((root / "train" / "red" / "red_0.png").read_bytes())
-    assert main(["--quiet", "train", str(root), "--out", str(tmp_path / "run"), "--backbone", "vgg16",
-                 "--weights", str(random_vgg_weights(tmp_path / "vgg16-random.safetensors")), "--input-size", "32",
-                 "--epochs", "2", "--cache", str(tmp_path / "c")]) == 0
+    assert main(["--quiet", "train", str(root), "--out", str(tmp_path / "run"), *FAST_CLI,
+                 "--cache", str(tmp_path / "c")]) == 0
     assert "warning: 1 image(s) are in both train and val" in capsys.readouterr().out
 
 
@@ -244,7 +242,7 @@ def test_duplicate_warning_reaches_the_cli(tmp_path, capsys):
 def test_class_only_in_val_is_a_clear_cli_error(tmp_path, capsys):
     root = make_folder(tmp_path / "d", per_class=2, val_per_class=1)
     make_image(root / "val" / "green" / "g.png", (40, 190, 60))
-    assert main(["train", str(root), "--out", str(tmp_path / "run"), "--backbone", "vgg16"]) == 1
+    assert main(["train", str(root), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "['green']" in err and "training data lacks" in err
     assert not (tmp_path / "run").exists()

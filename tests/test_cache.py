@@ -4,9 +4,7 @@ a doomed cache fails before extraction; a cache that fills up mid-run costs spee
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import headstart
-import headstart.training.recipes
-import headstart.api
-import headstart.cache
-import headstart.features
-from conftest import make_folder, random_vgg_weights
+from conftest import FAST, disk_full_under, fuzz_examples, make_folder, refusing_reads, weights_file
 from headstart.cache import _shard_members
-from headstart.features import FeatureCache, extract_features
 from headstart.errors import StorageError
-
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=20, patience=20)
+from headstart.features import FeatureCache, extract_features
 
 
 def _entries(cache: Path) -> list[Path]:
@@ -43,8 +35,9 @@ def _damage(path: Path, how: str, entry: str | None = None) -> None:
         n = int.from_bytes(data[:8], "little")
         start = json.loads(data[8:8 + n])[entry]["data_offsets"][0] if entry else len(data) - 12
         data[8 + n + start + 1] ^= 0xFF
-    elif how == "truncated":
-        del data[len(data) // 2:]
+    elif how == "truncated":  # cut halfway through the tensors, after a whole header
+        n = int.from_bytes(data[:8], "little")
+        del data[8 + n + (len(data) - 8 - n) // 2:]
     elif how == "garbage":
         data = bytearray(b"\x00" * 8 + b"not a header")
     elif how == "empty":
@@ -57,7 +50,7 @@ def trained(tmp_path_factory):
     """One training that filled a cache: (data, its keyword arguments, the classifier, the cache)."""
     root = tmp_path_factory.mktemp("trained")
     data = make_folder(root / "d", per_class=3, val_per_class=1)
-    kw = FAST | {"weights": random_vgg_weights(root / "w.safetensors"), "cache": root / "cache"}
+    kw = FAST | {"weights": weights_file(root / "w.safetensors"), "cache": root / "cache"}
     return data, kw, headstart.ImageClassifier(**kw).fit(data), root / "cache"
 
 
@@ -123,7 +116,8 @@ def one_entry(tmp_path_factory):
     return cache, "ns", "ab" * 16, features, cache._path("ns", "ab" * 16).read_bytes()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 400)))
 def test_a_damaged_entry_is_never_served(one_entry, edits, cut):
@@ -152,7 +146,8 @@ def one_shard(tmp_path_factory):
     return root, digests, features, shard.read_bytes()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 600)))
 def test_a_damaged_shard_never_serves_wrong_features(one_shard, edits, cut):
@@ -178,48 +173,35 @@ def test_a_damaged_shard_never_serves_wrong_features(one_shard, edits, cut):
 
 
 def test_not_enough_disk_for_the_cache_fails_before_extraction(tmp_path, monkeypatch, image_folder):
-    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    monkeypatch.setattr(headstart.training.recipes, "extract_features", _must_not_run)
-    with pytest.raises(StorageError, match=r"needs about .* for 24 images .* has 0.0 MB free.*--no-cache"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with refusing_reads(image_folder), \
+            pytest.raises(StorageError, match=r"needs about .* for 24 images .* has 0.0 MB free.*--no-cache"):
         headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
 
 
-def test_unwritable_cache_folder_fails_before_extraction(tmp_path, monkeypatch, image_folder):
+def test_unwritable_cache_folder_fails_before_extraction(tmp_path, image_folder):
     (tmp_path / "a-file").write_text("x")
-    monkeypatch.setattr(headstart.training.recipes, "extract_features", _must_not_run)
-    with pytest.raises(StorageError, match="cannot be written.*--no-cache"):
+    with refusing_reads(image_folder), pytest.raises(StorageError, match="cannot be written.*--no-cache"):
         headstart.ImageClassifier(**FAST, cache=tmp_path / "a-file" / "cache").fit(image_folder)
 
 
 def test_no_cache_needs_no_room(tmp_path, monkeypatch, image_folder):
-    monkeypatch.setattr(headstart.cache.shutil, "disk_usage", _must_not_run)
+    monkeypatch.setattr(shutil, "disk_usage", _must_not_run)
     clf = headstart.ImageClassifier(**FAST, cache=False).fit(image_folder)
     assert clf.report_.backbone_passes == {"train": 16, "val": 8}
 
 
-def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, monkeypatch, image_folder):
-    calls = []
-
-    real_fdopen = os.fdopen
-
-    def disk_full(fd, *args, **kwargs):  # the entry's temporary file is opened, and its write fails
-        if threading.current_thread().name.startswith("headstart-cache-write"):
-            calls.append(fd)
-            os.close(fd)
-            raise OSError(28, "No space left on device")
-        return real_fdopen(fd, *args, **kwargs)
-
-    monkeypatch.setattr(headstart.cache.os, "fdopen", disk_full)
-    clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
+def test_a_cache_that_fills_up_mid_run_does_not_stop_the_run(tmp_path, image_folder):
+    with disk_full_under(tmp_path / "c") as refused:  # the room check and the key file fit; the entries do not
+        clf = headstart.ImageClassifier(**FAST, cache=tmp_path / "c").fit(image_folder)
     assert clf.metrics_["val"]["accuracy"] == 1.0
     assert "No space left" in clf.report_.cache_write_error
-    assert len(calls) == 1  # tried once, then the run went on without storing
+    assert len(refused) == 1  # tried once, then the run went on without storing
     assert _entries(tmp_path / "c") == [] and not list((tmp_path / "c").rglob("*.tmp"))
 
 
 def test_extraction_without_damage_reports_nothing(tmp_path, image_folder):
-    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
+    bb = headstart.create_backbone("test_tiny")
     paths = sorted(image_folder.rglob("*.png"))
     cache = FeatureCache(tmp_path / "c")
     first = extract_features(bb, paths, cache)
@@ -234,19 +216,16 @@ def _must_not_run(*a, **k):
 
 def test_a_full_cache_needs_no_more_room(tmp_path, monkeypatch, image_folder):
     """A re-run whose features are all stored is not refused for lack of room it will not use."""
-    import shutil
-
-    kw = FAST | {"weights": random_vgg_weights(tmp_path / "w.safetensors"), "cache": tmp_path / "c"}
+    kw = FAST | {"weights": weights_file(tmp_path / "w.safetensors"), "cache": tmp_path / "c"}
     headstart.ImageClassifier(**kw).fit(image_folder)
-    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     again = headstart.ImageClassifier(**kw).fit(image_folder)
     assert again.report_.from_cache == {"train": 16, "val": 8}
 
 
 def test_predicting_with_an_unwritable_cache_still_predicts(tmp_path, image_folder):
     (tmp_path / "a-file").write_text("x")
-    bb = headstart.create_backbone("vgg16", weights=None, input_size=32)
+    bb = headstart.create_backbone("test_tiny")
     cache = FeatureCache(tmp_path / "a-file" / "cache")
     ex = extract_features(bb, sorted(image_folder.rglob("*.png")), cache)
     assert len(ex.ok) == 24 and ex.errors == [] and cache.write_error
@@ -257,22 +236,22 @@ def _cache_bytes(cache: FeatureCache) -> int:
 
 
 def test_an_averaging_head_keeps_and_caches_one_vector_per_image(tmp_path):
-    """``pool="avg"``: (N, C) features in memory and in the cache (a quarter of the maps' bytes here, 1/49 for
+    """``pool="avg"``: (N, C) features in memory and in the cache (a sixteenth of the maps' bytes here, 1/49 for
     efficientnet_lite0), the same numbers as averaging the maps; a run that needs maps computes them once."""
     from headstart.backbones import create_backbone
 
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
     paths = sorted(data.rglob("*.png"))
-    bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
+    bb = create_backbone("test_tiny", weights_file(tmp_path / "w.safetensors")).freeze()
     cache = FeatureCache(tmp_path / "cache")
     pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
-    assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 512)
-    assert _cache_bytes(cache) < len(paths) * 4 * 512 * 2  # maps would be 512 x 2 x 2 floats each
+    assert pooled.computed == len(paths) and tuple(pooled.features.shape) == (len(paths), 32)
+    assert _cache_bytes(cache) < len(paths) * 4 * 32 * 4 * 4 / 2  # maps would be 32 x 4 x 4 floats each
     again = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)
     assert again.computed == 0
     torch.testing.assert_close(again.features, pooled.features)
     maps = extract_features(bb, paths, cache, engine="torch", progress=False)
-    assert maps.computed == len(paths) and tuple(maps.features.shape) == (len(paths), 512, 2, 2)
+    assert maps.computed == len(paths) and tuple(maps.features.shape) == (len(paths), 32, 4, 4)
     torch.testing.assert_close(pooled.features, maps.features.mean(dim=(2, 3)))
 
 
@@ -281,7 +260,7 @@ def test_an_averaging_head_is_served_from_maps_an_earlier_run_cached(tmp_path):
 
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=0)
     paths = sorted(data.rglob("*.png"))
-    bb = create_backbone("vgg16", random_vgg_weights(tmp_path / "w.safetensors"), 64).freeze()
+    bb = create_backbone("test_tiny", weights_file(tmp_path / "w.safetensors")).freeze()
     cache = FeatureCache(tmp_path / "cache")
     maps = extract_features(bb, paths, cache, engine="torch", progress=False)
     pooled = extract_features(bb, paths, cache, pool="avg", engine="torch", progress=False)

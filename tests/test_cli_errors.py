@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,23 +16,16 @@ import torch
 from safetensors.torch import save_file
 
 import headstart
-import headstart.training.recipes
-import headstart.api
-import headstart.cache
-import headstart.features
-from conftest import random_vgg_weights
+from conftest import FAST_CLI, refusing_reads, weights_file
 from headstart.cli import build_parser, error_message, main
 from headstart.errors import DatasetError, HeadstartError
 
-TINY = ["--backbone", "vgg16", "--input-size", "32", "--epochs", "2"]
-
 
 @pytest.fixture
-def no_extraction(monkeypatch):
-    """Fails the test if feature extraction (the long work) starts."""
-    def refuse(*a, **k):
-        raise AssertionError("feature extraction started")
-    monkeypatch.setattr(headstart.training.recipes, "extract_features", refuse)
+def no_extraction(image_folder):
+    """Fails the test if feature extraction (the long work, which starts by reading the images) starts."""
+    with refusing_reads(image_folder):
+        yield
 
 
 def _one_error_line(capsys) -> str:
@@ -57,7 +51,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_output_below_a_file_fails_before_extraction(tmp_path, image_folder, capsys, no_extraction):
     (tmp_path / "taken").write_text("a file, not a folder")
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "taken" / "run"), *TINY]) == 1
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "taken" / "run"), *FAST_CLI]) == 1
     err = _one_error_line(capsys)
     assert "is a file, not a folder" in err and "Choose another --out" in err
 
@@ -69,8 +63,8 @@ def test_unwritable_output_fails_before_extraction_and_leaves_no_trace(tmp_path,
 
     def denied(dir=None, prefix=None, **k):  # a read-only folder, as root would not see it through chmod
         raise PermissionError(errno.EACCES, "Permission denied", dir)
-    monkeypatch.setattr(headstart.runs.tempfile, "mkdtemp", denied)
-    assert main(["train", str(image_folder), "--out", str(parent / "a" / "run"), *TINY]) == 1
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    assert main(["train", str(image_folder), "--out", str(parent / "a" / "run"), *FAST_CLI]) == 1
     err = _one_error_line(capsys)
     assert f"{str(parent)!r} is not writable" in err and "Permission denied" in err
     assert list(parent.iterdir()) == []
@@ -82,7 +76,7 @@ def test_read_only_output_folder_fails_before_extraction(tmp_path, image_folder,
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        assert main(["train", str(image_folder), "--out", str(ro / "run"), *TINY]) == 1
+        assert main(["train", str(image_folder), "--out", str(ro / "run"), *FAST_CLI]) == 1
     finally:
         ro.chmod(0o700)
     assert "is not writable" in _one_error_line(capsys)
@@ -96,17 +90,16 @@ def test_a_writable_output_check_leaves_no_trace(tmp_path):
 def test_weights_that_do_not_fit_fail_before_extraction(tmp_path, image_folder, capsys, no_extraction):
     wrong = tmp_path / "resnet-ish.safetensors"
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 64)}, str(wrong))
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--weights", str(wrong)]) == 1
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--weights", str(wrong)]) == 1
     err = _one_error_line(capsys)
-    assert "vgg16" in err and "this backbone" in err
+    assert "test_tiny" in err and "this backbone" in err
     assert not (tmp_path / "run").exists()
 
 
 def test_no_room_for_the_cache_fails_before_extraction(tmp_path, image_folder, capsys, monkeypatch, no_extraction):
-    monkeypatch.setattr(headstart.cache.shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10_000, 10_000))
-    weights = random_vgg_weights(tmp_path / "w.safetensors")
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--cache",
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1_000, 1_000))
+    weights = weights_file(tmp_path / "w.safetensors")
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--cache",
                  str(tmp_path / "c"), "--weights", str(weights)]) == 1
     err = _one_error_line(capsys)
     assert "needs about" in err and "24 images" in err and "--no-cache" in err
@@ -116,7 +109,7 @@ def test_interrupt_exits_130_with_a_note(tmp_path, image_folder, capsys, monkeyp
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(headstart.api.ImageClassifier, "fit", interrupted)
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *TINY]) == 130
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
@@ -135,7 +128,7 @@ def test_an_os_error_mid_run_is_one_line(tmp_path, image_folder, capsys, monkeyp
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
     monkeypatch.setattr(headstart.api.ImageClassifier, "fit", full)
-    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *TINY]) == 1
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
     assert "no space left on the device" in _one_error_line(capsys)
 
 

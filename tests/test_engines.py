@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
-from conftest import make_image
+from conftest import FAST, make_image, recording_opens
 from headstart.backbones.base import create_backbone
 from headstart.data.images import load_image
 from headstart.data.pipeline import decoded_batches
@@ -32,7 +35,7 @@ def test_torch_and_onnx_engines_agree(name, size):
 
 
 def test_onnx_graph_is_exported_once_and_kept_next_to_the_feature_cache(tmp_path):
-    bb = create_backbone("vgg16", weights=None, input_size=32)
+    bb = create_backbone("test_tiny")
     cache = FeatureCache(tmp_path / "c" / "features")
     make_runner(bb, "onnx", cache=cache)
     files = list((tmp_path / "c" / "onnx").glob("*.onnx"))
@@ -48,13 +51,13 @@ def test_onnx_graph_is_exported_once_and_kept_next_to_the_feature_cache(tmp_path
 
 
 def test_unknown_engine_says_what_is_known():
-    bb = create_backbone("vgg16", weights=None, input_size=32)
+    bb = create_backbone("test_tiny")
     with pytest.raises(ConfigError, match="auto, torch, onnx"):
         make_runner(bb, "tensorrt")
 
 
 def test_extraction_gives_the_same_features_on_either_engine(image_folder):
-    bb = create_backbone("vgg16", weights=None, input_size=32)
+    bb = create_backbone("test_tiny")
     paths = sorted((image_folder / "train").glob("*/*.png"))
     a = extract_features(bb, paths, None, engine="torch", batch_size=5)
     b = extract_features(bb, paths, None, engine="onnx", batch_size=5)
@@ -66,21 +69,35 @@ def test_extraction_gives_the_same_features_on_either_engine(image_folder):
 def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahead, most):
     paths = [make_image(tmp_path / f"{i}.png", (10 * i, 0, 0)) for i in range(40)]
     paths[7].write_bytes(b"broken")
-    bb = create_backbone("vgg16", weights=None, input_size=32)
-    decoded = []
-    base = EvalTransform(bb.data_config)
+    base = EvalTransform(create_backbone("test_tiny").data_config)
+    decoded, taken = [], []
 
-    def transform(im):
-        decoded.append(1)
-        return base(im)
+    class Counting:  # the Transform contract (headstart.protocols), counting its calls
+        pixels = False
 
-    batches = decoded_batches(paths, range(40), transform, batch_size=4, threads=2, prefetch=6,
+        def spec(self):
+            return None
+
+        def __call__(self, im, key=None):
+            decoded.append(1)
+            return base(im)
+
+    transform = Counting()
+
+    def indices():  # the pipeline takes an index for each image it will decode
+        for i in range(40):
+            taken.append(i)
+            yield i
+
+    batches = decoded_batches(paths, indices(), transform, batch_size=4, threads=2, prefetch=6,
                               read_ahead=read_ahead)
     first = next(batches)
-    import time
-
-    time.sleep(0.3)  # a slow backbone: the decoders must wait (in turns: not run at all) while it holds a batch
-    assert len(decoded) <= most
+    # a slow backbone holds the first batch: reading ahead, the decoders have taken at most `most` images in,
+    # however long it holds it; in turns, they have decoded this batch and nothing beyond it
+    if read_ahead:
+        assert len(decoded) <= len(taken) <= most
+    else:
+        assert len(decoded) == most
     rest = list(batches)
     idx = first[0] + [i for b in rest for i in b[0]]
     assert idx == [i for i in range(40) if i != 7]
@@ -88,23 +105,28 @@ def test_read_ahead_is_bounded_and_order_and_errors_are_kept(tmp_path, read_ahea
     assert all(b[1].shape[0] == len(b[0]) for b in [first] + rest)
 
 
-def test_the_backbone_starts_after_a_few_images_while_later_files_are_still_hashed(tmp_path, monkeypatch):
-    import headstart.features as features
-
+def test_the_backbone_starts_after_a_few_images_while_later_files_are_still_hashed(tmp_path):
     paths = [make_image(tmp_path / f"{i}.png", (2 * i, 0, 0)) for i in range(120)]
     paths[50].write_bytes(b"broken")
-    bb = create_backbone("vgg16", weights=None, input_size=32).eval()
-    hashed, calls = [], []
-    digest = features._safe_digest
-    monkeypatch.setattr(features, "_safe_digest", lambda p: hashed.append(p) or digest(p))
+    bb = create_backbone("test_tiny").eval()
+    calls = []
 
-    def runner(x):
-        calls.append((len(x), len(hashed)))
-        with torch.inference_mode():
-            return bb.body(x)
+    with recording_opens() as opened:  # each image file is opened once: its bytes are hashed, then decoded
+        class Runner:  # the Runner contract (headstart.protocols), recording what it was handed
+            engine, read_ahead, lanes = "test", True, 1
 
-    ex = extract_features(bb, paths, None, runner=runner, batch_size=8)
-    assert calls[0] == (2, calls[0][1])  # a quarter batch first: the backbone waits for 2 images, not 8
+            def __call__(self, x):
+                calls.append((len(x), len({p for p in opened if p.startswith(str(tmp_path))})))
+                with torch.inference_mode():
+                    return bb.body(x)
+
+            def submit(self, x):
+                raise AssertionError("one lane: run_batches calls the runner directly")
+
+        runner = Runner()
+
+        ex = extract_features(bb, paths, None, runner=runner, batch_size=8)
+    assert calls[0][0] == 2  # a quarter batch first: the backbone waits for 2 images, not 8
     assert calls[0][1] < 60  # files are hashed as extraction goes, not all before it
     assert sum(n for n, _ in calls) == ex.computed == 119 and ex.ok == [i for i in range(120) if i != 50]
     with torch.inference_mode():  # each row is its own image's features, past the broken file too
@@ -121,8 +143,7 @@ def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp
     from headstart.cli import main
     from headstart.predict import Predictor
 
-    clf = headstart.ImageClassifier(backbone="vgg16", weights=None, input_size=32, epochs=20, engine="torch")
-    clf.fit(image_folder)
+    clf = headstart.ImageClassifier(**FAST, engine="torch").fit(image_folder)
     files = sorted((image_folder / "val").glob("*/*.png")) + [tmp_path / "missing.png"]
     whole = Predictor(clf.model_, engine="onnx").probabilities(files)[0]
     chunked, errors, ex = Predictor(clf.model_, batch_size=2, engine="torch", chunk=3).probabilities(files)
@@ -137,36 +158,48 @@ def test_prediction_is_the_same_on_either_engine_and_in_chunks(image_folder, tmp
 
 
 class _LaneRunner:
-    """A runner with two lanes whose features are each image's mean; records the parts handed to it."""
+    """A runner (the Runner contract) with two lanes whose features are each image's mean; records the parts
+    handed to it.
 
-    lanes = 2
+    ``out_of_order``: of each two parts in a row, the first finishes only once the second has, so results come
+    out of order whatever the threads' timing.
+    """
 
-    def __init__(self, fail_on: float | None = None):
-        from concurrent.futures import ThreadPoolExecutor
+    engine, read_ahead, lanes = "test", True, 2
 
+    def __init__(self, fail_on: float | None = None, out_of_order: bool = False):
         self.pool = ThreadPoolExecutor(2)
-        self.fail_on = fail_on
+        self.fail_on, self.out_of_order = fail_on, out_of_order
         self.submitted = 0
-        self.finished = 0
+        self.finished: list[int] = []  # parts, in the order they finished
+        self.done: dict[int, threading.Event] = {}
 
-    def run(self, x):
-        import time
+    def run(self, k: int, x):
+        try:
+            if self.out_of_order and k % 2 == 0:
+                assert self.done[k + 1].wait(timeout=60), f"part {k + 1} never ran"
+            if self.fail_on is not None and (x.mean(dim=(1, 2, 3)) == self.fail_on).any():
+                raise ValueError("this image breaks the engine")
+            self.finished.append(k)
+            return x.mean(dim=(2, 3))
+        finally:
+            self.done[k].set()
 
-        time.sleep(0.02 * len(x) / 4)  # unequal parts take unequal times: results come out of order
-        if self.fail_on is not None and (x.mean(dim=(1, 2, 3)) == self.fail_on).any():
-            raise ValueError("this image breaks the engine")
-        self.finished += 1
-        return x.mean(dim=(2, 3))
+    def __call__(self, x):
+        raise AssertionError("two lanes: run_batches submits parts")
 
     def submit(self, x):
+        k = self.submitted
         self.submitted += 1
-        return self.pool.submit(self.run, x)
+        for j in (k, k + 1):
+            self.done.setdefault(j, threading.Event())
+        return self.pool.submit(self.run, k, x)
 
 
 def test_lanes_give_every_image_its_own_features_with_few_parts_in_flight():
     from headstart.engines import run_batches
 
-    runner = _LaneRunner()
+    runner = _LaneRunner(out_of_order=True)
     images = torch.arange(23, dtype=torch.float32).reshape(23, 1, 1, 1).expand(23, 3, 2, 2).contiguous()
     batches = ([list(range(s, min(s + 5, 23))), images[s:s + 5]] for s in range(0, 23, 5))
     seen, most, consumed = {}, 0, 0
@@ -176,6 +209,7 @@ def test_lanes_give_every_image_its_own_features_with_few_parts_in_flight():
         for i, f in zip(idx, feats):
             assert i not in seen
             seen[i] = f
+    assert runner.finished[:2] == [1, 0]  # the parts did finish out of order
     assert sorted(seen) == list(range(23))
     assert all(torch.equal(seen[i], torch.full((3,), float(i))) for i in seen)  # each index got its own image's
     assert runner.submitted == 10  # every batch in two parts, one per lane
@@ -193,4 +227,4 @@ def test_an_engine_error_in_a_lane_reaches_the_caller_and_stops_the_rest():
             pass
     runner.pool.shutdown(wait=True)
     assert runner.submitted < 20  # the batches after the error were never run
-    assert runner.finished <= runner.submitted - 1
+    assert len(runner.finished) <= runner.submitted - 1

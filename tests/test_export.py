@@ -9,10 +9,9 @@ import onnx
 import pytest
 
 import headstart
+from conftest import FAST
 from headstart.cli import main
 from headstart.errors import ConfigError, RunFormatError
-
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=30, patience=30)
 
 
 @pytest.fixture

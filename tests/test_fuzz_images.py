@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import fuzz_examples
 from headstart.data import load_image
 from headstart.data.images import load_pixels
 from headstart.errors import ImageReadError
@@ -84,7 +85,7 @@ anything = st.one_of(
 )
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=anything, ext=st.sampled_from([".jpg", ".png", ".gif"]))
 def test_any_bytes_give_rgb_or_our_error(fuzz_dir, data, ext):
     path = fuzz_dir / f"fuzz{ext}"

@@ -1,5 +1,9 @@
 """Real subprocesses: a training killed with SIGKILL in the middle of feature extraction leaves a sound
-cache and no half-written output; two trainings sharing one cache at the same time both succeed."""
+cache and no half-written output; two trainings sharing one cache at the same time both succeed; a run
+stopped at any point of a save holds the old model or the new one.
+
+Each moment that matters is reached by the process itself (it waits, or stops itself, at a file rename), so no
+outcome depends on how fast the machine is."""
 
 from __future__ import annotations
 
@@ -15,42 +19,48 @@ import numpy as np
 import torch
 
 import headstart
-from conftest import make_folder, random_vgg_weights
+from conftest import make_folder, weights_file
 from headstart.features import FeatureCache, extract_features
 
 SRC = str(Path(headstart.__file__).resolve().parents[1])
+ENV = {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-# trains on DATA with a shared weights file and cache, writing the run to OUT. With a pause, every cache
-# write sleeps after the entry's bytes are on disk and before the rename: the moment a kill would hurt most.
+# Trains on DATA with a shared weights file and cache, writing the run to OUT. The shards stored in the cache
+# are watched at their rename (their bytes are on disk, under a temporary name):
+#   HOLD (a path, or -): once the first shard has landed, the next one stops before its rename, HOLD is touched,
+#     and the process waits there to be killed: the moment a kill would hurt most.
+#   MEET (mine:theirs, or -): before its first shard lands, each process touches its file and waits for the
+#     other's: both have computed the same first images before either can read them from the cache.
 TRAIN = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
-data, weights, cache, out, ready, peer, pause = sys.argv[1:8]
-import os, threading, headstart
-if float(pause):
-    real = os.replace
-    def slow(src, dst, *a, **k):
-        if threading.current_thread().name.startswith("headstart-cache-write"):
-            time.sleep(float(pause))
-        return real(src, dst, *a, **k)
-    os.replace = slow
-Path(ready).touch()
-t0 = time.time()
-while peer != "-" and not Path(peer).exists() and time.time() - t0 < 120:
-    time.sleep(0.01)
-clf = headstart.ImageClassifier(backbone="vgg16", weights=weights, input_size=32, epochs=5, batch_size=8,
-                                cache=cache, progress=False).fit(data)
+data, weights, cache, out, hold, meet = sys.argv[1:7]
+import headstart
+real, landed = os.replace, []
+def replace(src, dst, *a, **k):
+    if Path(dst).parent.parent == Path(cache) and str(dst).endswith(".safetensors"):
+        if meet != "-" and not landed:
+            mine, theirs = meet.split(":")
+            Path(mine).touch()
+            t0 = time.time()
+            while not Path(theirs).exists() and time.time() - t0 < 120:
+                time.sleep(0.01)
+        if hold != "-" and landed:
+            Path(hold).touch()
+            time.sleep(3600)
+        landed.append(dst)
+    return real(src, dst, *a, **k)
+os.replace = replace
+clf = headstart.ImageClassifier(backbone="test_tiny", weights=weights, epochs=5, batch_size=8, cache=cache,
+                                progress=False).fit(data)
 clf.save(out)
 """
 
 
-def _start(tmp_path, data, weights, cache, name, peer="-", pause=0.0):
-    ready = tmp_path / f"{name}.ready"
-    env = os.environ | {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(data), str(weights), str(cache), str(tmp_path / name),
-                             str(ready), str(peer), str(pause)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    return proc, ready
+def _start(tmp_path, data, weights, cache, name, hold="-", meet="-"):
+    return subprocess.Popen([sys.executable, "-c", TRAIN, str(data), str(weights), str(cache), str(tmp_path / name),
+                             str(hold), meet], env=os.environ | ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _sound_entries(cache: Path) -> int:
@@ -66,16 +76,21 @@ def _sound_entries(cache: Path) -> int:
     return len(images)
 
 
+def _wait_for(path: Path, proc, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+
+
 def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tmp_path):
     data = make_folder(tmp_path / "d", per_class=20, val_per_class=4)
     n = 48
-    weights = random_vgg_weights(tmp_path / "w.safetensors")
+    weights = weights_file(tmp_path / "w.safetensors")
     cache = tmp_path / "cache"
-    proc, _ = _start(tmp_path, data, weights, cache, "run", pause=0.05)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(cache.rglob("*.safetensors")):  # the first batch's shard
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.005)
+    proc = _start(tmp_path, data, weights, cache, "run", hold=tmp_path / "held")
+    _wait_for(tmp_path / "held", proc)  # a shard's bytes are written, its rename not yet done
+    assert list(cache.rglob("*.tmp"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -83,14 +98,16 @@ def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tm
     assert 1 <= stored < n  # killed in the middle, not before or after
     assert not (tmp_path / "run").exists()  # no half-written run folder
 
-    again = headstart.ImageClassifier(backbone="vgg16", weights=weights, input_size=32, epochs=5, batch_size=8,
+    again = headstart.ImageClassifier(backbone="test_tiny", weights=weights, epochs=5, batch_size=8,
                                       cache=cache).fit(data)
     r = again.report_
-    assert r["cache_recomputed"] == [] and r["skipped_unreadable"] == []
-    assert sum(r["from_cache"].values()) == stored and sum(r["backbone_passes"].values()) == n - stored
+    assert r.cache_recomputed == [] and r.skipped_unreadable == []
+    assert sum(r.from_cache.values()) == stored and sum(r.backbone_passes.values()) == n - stored
     assert _sound_entries(cache) == n
-    fresh = extract_features(again.model_.backbone, sorted(data.rglob("*.png")), cache=None).features
-    cached = extract_features(again.model_.backbone, sorted(data.rglob("*.png")), FeatureCache(cache))
+    # what the cache serves is what the backbone computes (test_tiny's averaging head keeps each map's average)
+    files = sorted(data.rglob("*.png"))
+    fresh = extract_features(again.model_.backbone, files, cache=None, pool="avg").features
+    cached = extract_features(again.model_.backbone, files, FeatureCache(cache), pool="avg")
     assert cached.cached == n
     torch.testing.assert_close(cached.features, fresh, atol=1e-5, rtol=1e-4)
     run = again.save(tmp_path / "run")
@@ -100,11 +117,11 @@ def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tm
 def test_two_trainings_sharing_one_cache_at_once(tmp_path):
     data = make_folder(tmp_path / "d", per_class=16, val_per_class=4)
     n = 40
-    weights = random_vgg_weights(tmp_path / "w.safetensors")
+    weights = weights_file(tmp_path / "w.safetensors")
     cache = tmp_path / "cache"
-    # each waits for the other to be ready, then both extract and write the same entries at the same time
-    a, a_ready = _start(tmp_path, data, weights, cache, "a", peer=tmp_path / "b.ready", pause=0.03)
-    b, b_ready = _start(tmp_path, data, weights, cache, "b", peer=a_ready, pause=0.03)
+    # both compute their first batch before either stores it, then both extract and write the same entries
+    a = _start(tmp_path, data, weights, cache, "a", meet=f"{tmp_path / 'a.met'}:{tmp_path / 'b.met'}")
+    b = _start(tmp_path, data, weights, cache, "b", meet=f"{tmp_path / 'b.met'}:{tmp_path / 'a.met'}")
     for proc in (a, b):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
@@ -118,27 +135,30 @@ def test_two_trainings_sharing_one_cache_at_once(tmp_path):
     files = sorted(data.rglob("*.png"))
     pa, pb = headstart.load(tmp_path / "a").predict_proba(files), headstart.load(tmp_path / "b").predict_proba(files)
     np.testing.assert_allclose(pa, pb, atol=1e-5)
-    bb = headstart.create_backbone("vgg16", weights=weights, input_size=32)
-    fresh = extract_features(bb, files, cache=None).features
-    torch.testing.assert_close(extract_features(bb, files, FeatureCache(cache)).features, fresh, atol=1e-5, rtol=1e-4)
+    bb = headstart.create_backbone("test_tiny", weights=weights)
+    fresh = extract_features(bb, files, cache=None, pool="avg").features
+    cached = extract_features(bb, files, FeatureCache(cache), pool="avg")
+    assert cached.cached == n
+    torch.testing.assert_close(cached.features, fresh, atol=1e-5, rtol=1e-4)
 
 
-# saves two trained models in turn into one run folder until killed; every file write pauses after the rename
+# Saves two trained models in turn into one run folder until killed. While the file GAP exists, the next save
+# stops itself (SIGSTOP) right after the weights have landed and before config.json does, having removed GAP.
 SAVE_LOOP = r"""
-import sys, time
+import os, signal, sys
 from pathlib import Path
-data_a, data_b, weights, out, ready = sys.argv[1:6]
-import headstart, headstart.runs as R
-kw = dict(backbone="vgg16", weights=weights, input_size=32, epochs=1, cache=False, progress=False)
+data_a, data_b, out, ready, gap = sys.argv[1:6]
+import headstart
+kw = dict(backbone="test_tiny", epochs=1, cache=False, progress=False)
 a = headstart.ImageClassifier(**kw).fit(data_a)
 b = headstart.ImageClassifier(**kw).fit(data_b)
-real = R.atomic_write
-def slow(path, *args, **k):
-    real(path, *args, **k)
-    # widen the gap between weights and config; in steps, so time spent stopped does not use it up
-    for _ in range(40 if path.name == "model.safetensors" else 1):
-        time.sleep(0.01)
-R.atomic_write = slow
+real = os.replace
+def replace(src, dst, *args, **k):
+    real(src, dst, *args, **k)
+    if Path(dst) == Path(out) / "model.safetensors" and os.path.exists(gap):
+        os.unlink(gap)
+        os.kill(os.getpid(), signal.SIGSTOP)
+os.replace = replace
 a.save(out)
 Path(ready).touch()
 while True:
@@ -147,37 +167,58 @@ while True:
 """
 
 
+def _read_stopped_run(out: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a reader sees in a run whose writer is stopped: every file whole; (loaded classes, config.json's)."""
+    for name in ("config.json", "metrics.json", "data.json"):
+        json.loads((out / name).read_text())
+    return tuple(headstart.load(out).classes_), tuple(json.loads((out / "config.json").read_text())["classes"])
+
+
+def _stopped(proc, seconds: float = 180) -> None:
+    """Return once ``proc`` is stopped (a stop signal is delivered when the process next runs, not at once)."""
+    deadline = time.time() + seconds
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return
+        assert not pid and time.time() < deadline, "the writer ended, or never stopped"
+        time.sleep(0.005)
+
+
 def test_a_run_stopped_at_any_point_of_a_save_holds_the_old_model_or_the_new_one(tmp_path):
-    weights = random_vgg_weights(tmp_path / "w.safetensors")
     data_a = make_folder(tmp_path / "a", classes=("blue", "red"), per_class=2, val_per_class=1)
     data_b = make_folder(tmp_path / "b", classes=("green", "red"), per_class=2, val_per_class=1)
-    out, ready = tmp_path / "run", tmp_path / "ready"
-    env = os.environ | {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    outcomes, mixed = [], 0
-    rng = np.random.default_rng(0)
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(data_a), str(data_b), str(weights), str(out),
-                             str(ready)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while not ready.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.01)
-    # stop the writer at random moments (SIGSTOP: the files are what a SIGKILL then would leave) and look
-    for _ in range(12):
-        time.sleep(float(rng.uniform(0.0, 0.1)))
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            for name in ("config.json", "metrics.json", "data.json"):
-                json.loads((out / name).read_text())  # every file whole
-            loaded = tuple(headstart.load(out).classes_)
-            outcomes.append(loaded)
-            mixed += loaded != tuple(json.loads((out / "config.json").read_text())["classes"])
-        finally:
-            proc.send_signal(signal.SIGCONT)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert set(outcomes) <= {("blue", "red"), ("green", "red")}  # the old model or the new one, never a mix
-    assert len(outcomes) == 12
-    assert mixed >= 1  # some stops fell between the weights and config.json, and were read right
-    print("reader saw:", outcomes, "stops between weights and config:", mixed)
+    out, ready, gap = tmp_path / "run", tmp_path / "ready", tmp_path / "gap"
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(data_a), str(data_b), str(out), str(ready),
+                             str(gap)], env=os.environ | ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    models = {("blue", "red"), ("green", "red")}
+    try:
+        _wait_for(ready, proc)
+        # stopped at random moments (SIGSTOP: the files are what a SIGKILL then would leave), then looked at
+        rng = np.random.default_rng(0)
+        outcomes = []
+        for _ in range(12):
+            time.sleep(float(rng.uniform(0.0, 0.1)))
+            proc.send_signal(signal.SIGSTOP)
+            _stopped(proc)
+            try:
+                outcomes.append(_read_stopped_run(out)[0])
+            finally:
+                proc.send_signal(signal.SIGCONT)
+        assert set(outcomes) <= models  # the old model or the new one, never a mix
+        assert len(outcomes) == 12
+        # stopped between the weights and config.json: the weights' own config is read, never a mix
+        for _ in range(3):
+            gap.touch()
+            _stopped(proc)
+            try:
+                loaded, config_json = _read_stopped_run(out)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert loaded in models and config_json in models and loaded != config_json
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     for name in ("config.json", "metrics.json", "data.json"):
         json.loads((out / name).read_text())

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import headstart
-from headstart.backbones import create_backbone, names
+from conftest import FAST
+from headstart.backbones import create_backbone, names, registry
 from headstart.data.augment import PRESETS, AugmentedView
-from headstart.training import recipes
 from headstart.training.finetune import split_backbone
 
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=15, patience=15)
+SRC = str(Path(headstart.__file__).resolve().parents[1])
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", names(include_hidden=True))
 def test_every_backbone_splits_at_each_boundary_into_parts_that_compose(name):
     bb = create_backbone(name, weights=None, input_size=64).eval()
     lower, upper = split_backbone(bb, bb.entry.finetune_groups)
@@ -33,7 +33,7 @@ def test_every_backbone_splits_at_each_boundary_into_parts_that_compose(name):
 
 
 def test_augmented_views_are_fixed_per_image_and_differ_between_views():
-    cfg = create_backbone("vgg16", weights=None, input_size=32).data_config
+    cfg = registry.get("test_tiny").data_config
     im = Image.effect_mandelbrot((64, 48), (-2, -1.5, 1, 1.5), 50).convert("RGB")
     v0, v0b, v1 = (AugmentedView(cfg, PRESETS["strong"], i, seed=0) for i in (0, 0, 1))
     assert torch.equal(v0(im, "abc"), v0b(im, "abc"))
@@ -42,52 +42,49 @@ def test_augmented_views_are_fixed_per_image_and_differ_between_views():
 
 
 def test_frozen_aug_caches_its_views(image_folder):
-    first = headstart.ImageClassifier(**FAST, strategy="frozen-aug", views=3).fit(image_folder)
+    first = headstart.ImageClassifier(**FAST, strategy="frozen-aug", views=3, head="flatten").fit(image_folder)
     assert first.report_.backbone_passes == {"train": 16 * 4, "val": 8}  # eval view + 3 augmented
     again = headstart.ImageClassifier(**FAST, strategy="frozen-aug", views=3, head="avg").fit(image_folder)
     assert again.report_.backbone_passes == {"train": 0, "val": 0}
     assert first.metrics_["val"]["accuracy"] == 1.0
 
 
-# Fine-tuning needs features that mean something: a random network's are near-identical for these pictures.
-PRETRAINED = dict(backbone="efficientnet_lite0", input_size=64, epochs=15, patience=15)
-
-
 def test_finetune_trains_only_the_unfrozen_groups(image_folder):
-    before = create_backbone("efficientnet_lite0", input_size=64)
+    before = create_backbone("test_tiny")
     # no validation set: epochs are judged on training loss, which fine-tuning lowers, so its weights are kept
-    clf = headstart.ImageClassifier(**PRETRAINED, strategy="finetune", views=2, unfreeze=1, finetune_epochs=3,
+    clf = headstart.ImageClassifier(**FAST, strategy="finetune", views=2, unfreeze=1, finetune_epochs=3,
                                     val_fraction=0).fit(image_folder / "train")
     after = clf.model_.backbone
-    frozen = after.body.model.blocks[6]  # stage7 stays, head_conv trains
+    frozen = after.body.block2  # block2 stays, block3 trains
     assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(),
-                                                  before.body.model.blocks[6].state_dict().values()))
-    assert not torch.equal(after.body.model.conv_head.weight, before.body.model.conv_head.weight)
-    # BatchNorm statistics keep their ImageNet values (inference mode while fine-tuning)
-    assert torch.equal(after.body.model.bn2.running_mean, before.body.model.bn2.running_mean)
+                                                  before.body.block2.state_dict().values()))
+    assert not torch.equal(after.body.block3.block3_conv.weight, before.body.block3.block3_conv.weight)
+    # BatchNorm statistics keep their pretrained values (inference mode while fine-tuning)
+    assert torch.equal(after.body.block3.block3_bn.running_mean, before.body.block3.block3_bn.running_mean)
     assert [h["stage"] for h in clf.history_].count("finetune") >= 1
     assert not any(p.requires_grad for p in after.parameters())
     assert clf.evaluate(image_folder / "val")["accuracy"] == 1.0
 
 
-def _interrupting(after_epochs):
-    real = recipes.run_loop
+def _ctrl_c_after(n: int, checkpoint: Path, monkeypatch) -> None:
+    """A Ctrl-C right after the ``n``-th fine-tuning checkpoint has landed in ``checkpoint``'s place."""
+    real, landed = os.replace, []
 
-    def run_loop(*args, **kwargs):
-        def stop(row):
-            if row["epoch"] == after_epochs:
+    def replace(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        if Path(dst) == checkpoint:
+            landed.append(dst)
+            if len(landed) == n:
                 raise KeyboardInterrupt
 
-        return real(*args, **kwargs | {"on_epoch": stop})
-
-    return run_loop
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
     kw = FAST | dict(strategy="finetune", views=2, unfreeze=2, finetune_epochs=6, dropout=0.3)
     whole = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "a")
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(recipes, "run_loop", _interrupting(3))
+        _ctrl_c_after(3, tmp_path / "b" / "checkpoints" / "finetune.safetensors", m)
         headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b")
     resumed = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b", resume=True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
@@ -96,25 +93,37 @@ def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path,
     torch.testing.assert_close(torch.tensor(resumed.predict_proba(files)), torch.tensor(whole.predict_proba(files)))
 
 
+# the CLI, killed with SIGKILL by itself right after its CHECKPOINTS-th fine-tuning checkpoint has landed
+KILLED_AFTER = r"""
+import os, signal, sys
+from pathlib import Path
+from headstart.cli import main
+checkpoint, n = Path(sys.argv[1]), int(sys.argv[2])
+real, landed = os.replace, []
+def replace(src, dst, *a, **k):
+    real(src, dst, *a, **k)
+    if Path(dst) == checkpoint:
+        landed.append(dst)
+        if len(landed) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_training_killed_with_sigkill_resumes_to_the_same_metrics(image_folder, tmp_path):
     # resuming must reproduce the run exactly; whether random weights learn anything doesn't matter here
-    args = [str(image_folder), "--backbone", "vgg16", "--random-init", "--input-size", "32", "--strategy", "finetune",
+    args = [str(image_folder), "--backbone", "test_tiny", "--random-init", "--strategy", "finetune",
             "--views", "2", "--unfreeze", "2", "--finetune-epochs", "12", "--epochs", "5", "--dropout", "0.2"]
-    env = dict(os.environ)
+    env = os.environ | {"PYTHONPATH": SRC}
     cmd = [sys.executable, "-m", "headstart.cli", "--quiet"]
     subprocess.run(cmd + ["train", "--out", str(tmp_path / "whole")] + args, env=env, check=True,
                    capture_output=True)
-    proc = subprocess.Popen(cmd + ["train", "--out", str(tmp_path / "killed")] + args, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoints" / "finetune.safetensors"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if not ckpt.exists():
-        pytest.fail("training ended before its first fine-tuning checkpoint; nothing was killed mid-run")
-    assert not (tmp_path / "killed" / "metrics.json").exists()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER, str(ckpt), "2", "--quiet", "train", "--out",
+                             str(tmp_path / "killed")] + args, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, in the middle of fine-tuning
+    assert ckpt.exists() and not (tmp_path / "killed" / "metrics.json").exists()
     subprocess.run(cmd + ["train", "--out", str(tmp_path / "killed"), "--resume"] + args, env=env, check=True,
                    capture_output=True)
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
@@ -127,8 +136,15 @@ def test_training_killed_with_sigkill_resumes_to_the_same_metrics(image_folder, 
 def test_tta_averages_the_mirror_image(image_folder, tmp_path):
     clf = headstart.ImageClassifier(**FAST).fit(image_folder)
     files = sorted((image_folder / "val").glob("*/*.png"))
-    plain = clf.predict_proba(files)
+    mirrored = []
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            mirrored.append(tmp_path / f"mirror-{i}.png")
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored[-1])
+    plain, of_mirrors = clf.predict_proba(files), clf.predict_proba(mirrored)
     clf.tta = True
     both = clf.predict_proba(files)
     assert both.shape == plain.shape and not (both == plain).all()
+    # each image's probabilities are the mean of its own and its mirror image's
+    np.testing.assert_allclose(both, (plain + of_mirrors) / 2, atol=1e-5)
     assert clf.evaluate(image_folder / "val")["tta"] is True

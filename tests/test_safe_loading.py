@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,27 +13,18 @@ from safetensors.torch import load_file, save_file
 
 import headstart
 import headstart.runs
-from conftest import make_folder, random_vgg_weights
+from conftest import FAST, make_folder, recording_opens, weights_file
 from headstart.errors import RunFormatError
 
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=3, patience=3, cache=False)
-_OPENED: list[str] | None = None
-
-
-def _audit(event, args):
-    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, Path)):
-        _OPENED.append(str(Path(args[0] if not isinstance(args[0], bytes) else args[0].decode(errors="replace"))))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only records while a test asks it to
+SAVED = FAST | dict(epochs=3, patience=3, cache=False)  # a run to load; what it learnt does not matter
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("safe")
     data = make_folder(root / "d", per_class=3, val_per_class=1)
-    two = headstart.ImageClassifier(**FAST).fit(data).save(root / "two")
-    three = headstart.ImageClassifier(**FAST).fit(make_folder(root / "d3", classes=("blue", "green", "red"),
+    two = headstart.ImageClassifier(**SAVED).fit(data).save(root / "two")
+    three = headstart.ImageClassifier(**SAVED).fit(make_folder(root / "d3", classes=("blue", "green", "red"),
                                                               per_class=3, val_per_class=1)).save(root / "three")
     return root, two, three
 
@@ -63,18 +53,13 @@ def test_paths_in_a_crafted_config_are_never_opened(runs, tmp_path, monkeypatch)
         cfg["training"]["checkpoint"] = "../outside/model.safetensors"
         cfg["head"]["weights"] = "/etc/passwd"
     _edit(run, craft)
-    global _OPENED
-    _OPENED = []
     real_load_file = headstart.runs.load_file  # safetensors opens files in Rust, out of the audit hook's sight
-
-    def load_file(path, *a, **k):
-        _OPENED.append(str(path))
-        return real_load_file(path, *a, **k)
-    monkeypatch.setattr(headstart.runs, "load_file", load_file)
-    try:
+    with recording_opens() as opened:
+        def load_file(path, *a, **k):
+            opened.append(str(path))
+            return real_load_file(path, *a, **k)
+        monkeypatch.setattr(headstart.runs, "load_file", load_file)
         clf = headstart.load(run)
-    finally:
-        opened, _OPENED = _OPENED, None
     assert clf.classes_ == ["blue", "red"]  # the run's own weights, not the decoy's three classes
     ours = [p for p in opened if str(tmp_path) in p or p.startswith("/etc")]
     assert ours and all(Path(p).parent == run for p in ours), ours
@@ -103,8 +88,8 @@ def test_weights_from_another_save_bring_their_own_config_or_are_refused(runs, t
 
 def test_a_head_from_another_save_cannot_shift_labels(tmp_path):
     """Same backbone, same shapes, other classes: without the model digest this would load and mislabel."""
-    weights = random_vgg_weights(tmp_path / "w.safetensors")
-    kw = FAST | {"weights": weights}
+    weights = weights_file(tmp_path / "w.safetensors")
+    kw = SAVED | {"weights": weights}
     a = headstart.ImageClassifier(**kw).fit(make_folder(tmp_path / "a", classes=("blue", "red"), per_class=3,
                                                         val_per_class=1)).save(tmp_path / "run-a")
     b_data = make_folder(tmp_path / "b", classes=("green", "red"), per_class=3, val_per_class=1)

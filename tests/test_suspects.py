@@ -11,14 +11,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 import headstart
-from conftest import HYMENOPTERA, make_folder, needs_shared, random_vgg_weights
+from conftest import FAST, FAST_CLI, HYMENOPTERA, make_folder, needs_shared
 from headstart.cli import main
 from headstart.data import load_splits
 from headstart.data.suspects import find_suspects
 from headstart.demo import write_digits
 from headstart.features import file_digest
-
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=10, patience=10)
 
 
 def _placeholder(path: Path) -> Path:
@@ -67,9 +65,7 @@ def test_suspects_are_flagged_listed_and_kept(suspect_folder, tmp_path):
 
 
 def test_suspects_reach_the_cli(suspect_folder, tmp_path, capsys):
-    assert main(["--quiet", "train", str(suspect_folder), "--out", str(tmp_path / "run"), "--backbone", "vgg16",
-                 "--weights", str(random_vgg_weights(tmp_path / "w.safetensors")), "--input-size", "32",
-                 "--epochs", "2"]) == 0
+    assert main(["--quiet", "train", str(suspect_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 0
     out = capsys.readouterr().out
     assert "warning: 6 suspect image(s) kept in the data" in out and "imageNotFound.gif: a grey picture" in out
 

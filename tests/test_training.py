@@ -1,4 +1,4 @@
-"""End to end on generated images with a small random backbone: fit, cache, save/load, evaluate, predict, CLI."""
+"""End to end on generated images with the tiny backbone: fit, cache, save/load, evaluate, predict, CLI."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 
 import headstart
-from conftest import make_image
+from conftest import FAST, make_image
 from headstart.cli import main
 from headstart.errors import NotFittedError, RunFormatError
 
-FAST = dict(backbone="vgg16", weights=None, input_size=32, epochs=40, patience=40)
-
 
 def test_fit_learns_the_classes_and_reports_backbone_passes(image_folder):
-    clf = headstart.ImageClassifier(**FAST).fit(image_folder)
+    clf = headstart.ImageClassifier(**FAST | {"head": "flatten"}).fit(image_folder)
     assert clf.classes_ == ["blue", "red"]
     assert clf.metrics_["val"]["accuracy"] == 1.0
     assert clf.report_.backbone_passes == {"train": 16, "val": 8}
@@ -72,12 +70,10 @@ def test_unfitted_classifier_says_what_to_call():
         headstart.ImageClassifier().predict(["x.png"])
 
 
-
-def test_cli_end_to_end(image_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(headstart.api, "create_backbone", _random_backbone)
+def test_cli_end_to_end(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["--quiet", "train", str(image_folder), "--out", str(run), "--backbone", "vgg16",
-                 "--input-size", "32", "--epochs", "30"]) == 0
+    assert main(["--quiet", "train", str(image_folder), "--out", str(run), "--backbone", "test_tiny",
+                 "--epochs", "30"]) == 0
     assert "backbone passes: train 16, val 8" in capsys.readouterr().out
     assert main(["evaluate", str(run), str(image_folder / "val"), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -117,7 +113,3 @@ def test_summary_with_head_counts_head_as_trainable(capsys):
     head = 512 * 4 * 4 * 256 + 256 + 256 * 2 + 2
     assert f"Trainable params: {head:,} " in out and f"Total params: {14_714_688 + head:,} " in out
     assert "flatten (Flatten)" in out and "(None, 8192)" in out
-
-
-def _random_backbone(name, weights="imagenet", input_size=None, **kw):
-    return headstart.create_backbone(name, weights=None, input_size=input_size, **kw)
