@@ -48,8 +48,9 @@ class Distributed:
 
     @property
     def active(self) -> bool:
-        """Whether there is a process group (torchrun), even of one process."""
-        return self.backend is not None
+        """Whether there are other ranks to share the work with. A group of one (``torchrun --nproc-per-node 1``)
+        takes the single-process path: the same results, none of the sharing's cost."""
+        return self.backend is not None and self.world_size > 1
 
     @property
     def primary(self) -> bool:

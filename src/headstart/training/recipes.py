@@ -27,6 +27,7 @@ from .finetune import finetune_param_groups, split_backbone
 from .head import class_weights, fit_head
 from .loop import run_loop
 from .spread import spread_extraction
+from .steps import check_batch
 
 __all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool"]
 
@@ -111,6 +112,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     pool = feature_pool(recipe, head)
     spread = None
     if dist.active:
+        if upper is not None:  # fails now, not after the extraction
+            check_batch(config.batch_size, dist)
         spread = _spread(dist, source, splits, recipe, cache, config.seed, progress, runner, pool)
         if not dist.primary and upper is None:
             return None

@@ -26,7 +26,16 @@ from torch.utils.data import DistributedSampler
 from ..distributed import SINGLE, Distributed
 from ..errors import ConfigError
 
-__all__ = ["RankSteps", "Step"]
+__all__ = ["RankSteps", "Step", "check_batch"]
+
+
+def check_batch(batch_size: int, dist: Distributed) -> None:
+    """Raises ConfigError: ``batch_size`` is not a multiple of the number of ranks (the global batch would
+    change)."""
+    if batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the {dist.world_size} ranks; each step "
+                          "trains on the same batch as one process, split evenly: use a batch size that "
+                          f"{dist.world_size} divides, e.g. {dist.world_size * max(1, batch_size // dist.world_size)}")
 
 
 @dataclass
@@ -44,10 +53,7 @@ class RankSteps:
     """
 
     def __init__(self, n: int, batch_size: int, dist: Distributed = SINGLE, seed: int = 0):
-        if batch_size % dist.world_size:
-            raise ConfigError(f"--batch-size {batch_size} is not a multiple of the {dist.world_size} ranks; each "
-                              "step trains on the same batch as one process, split evenly: use a batch size that "
-                              f"{dist.world_size} divides, e.g. {dist.world_size * max(1, batch_size // dist.world_size)}")
+        check_batch(batch_size, dist)
         self.n, self.batch_size, self.dist = n, batch_size, dist
         self.local = batch_size // dist.world_size
         self.sampler = DistributedSampler(range(n), num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
