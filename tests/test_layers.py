@@ -23,7 +23,7 @@ SRC = Path(headstart.__file__).parent
 # lower layers first; a module may import its own layer and those below it. Modules not named here (features
 # built on the public API: serving, reports...) sit in the application layer.
 LAYERS = [
-    {"_version", "errors", "config", "io", "hardware", "protocols", "runfolder"},
+    {"_version", "errors", "config", "io", "hardware", "distributed", "protocols", "runfolder"},
     {"backbones", "data"},
     {"cache", "engines", "features"},
     {"heads", "model", "training", "evaluation", "summary"},

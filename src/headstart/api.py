@@ -21,6 +21,7 @@ from .data.datasets import Dataset, Splits, load_dataset, load_splits
 from .data.images import source_name
 from .data.inputs import image_inputs
 from .data.suspects import find_suspects
+from .distributed import join
 from .errors import ConfigError, DatasetError, ImageReadError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
@@ -105,7 +106,8 @@ class ImageClassifier:
         return FeatureCache.default() if self.cache is True else FeatureCache(self.cache)
 
     def _hardware(self) -> Hardware:
-        return Hardware.resolve(self.device).apply()
+        hardware = Hardware.resolve(self.device)
+        return join(hardware.device).share(hardware).apply()  # under torchrun, a rank takes its share of the cores
 
     def fit(self, data: str | Path | Splits, val: str | Path | None = None, test: str | Path | None = None, *,
             out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> "ImageClassifier":
@@ -120,6 +122,10 @@ class ImageClassifier:
         holds a run is refused unless ``overwrite`` (its checkpoints are deleted now, its other files when the
         new run is saved) or ``resume``.
 
+        Under ``torchrun`` (``torchrun --nproc-per-node N script.py``), every rank calls ``fit``: the ranks share
+        the extraction (and fine-tuning), rank 0 ends with the trained classifier, and the others with ``rank_``
+        set and no model (``save`` writes nothing there).
+
         Raises:
             DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
                 or a class left with no readable image.
@@ -132,6 +138,8 @@ class ImageClassifier:
             if overwrite and not resume and remove_checkpoints(out):
                 log.info("--overwrite: removed the checkpoints of the earlier run in %s", out)
         hardware = self._hardware()
+        dist = join(hardware.device)
+        self.rank_ = dist.rank
         if isinstance(data, Splits):
             if val is not None or test is not None:
                 raise ConfigError("fit got Splits and val/test too; put the val and test sets in load_splits(...)")
@@ -149,7 +157,10 @@ class ImageClassifier:
             _check_cache_room(cache, configs["recipe"], backbone, head, splits)
         result = train_recipe(configs["recipe"], backbone, splits, head, configs["train"], cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
-                              progress=self.progress, engine=self.engine, hardware=hardware)
+                              progress=self.progress if dist.primary else False, engine=self.engine,
+                              hardware=hardware, dist=dist)
+        if not dist.primary:  # rank 0 holds the result and writes the run
+            return self
         self.model_ = ImageModel(backbone, head, splits.train.classes).eval()
         self.classes_ = list(splits.train.classes)
         self.history_ = result.history
@@ -172,6 +183,9 @@ class ImageClassifier:
 
     # -- using a trained model ------------------------------------------------------------------
     def _check(self):
+        if not hasattr(self, "model_") and getattr(self, "rank_", 0) != 0:
+            raise NotFittedError(f"This process is rank {self.rank_} of a torchrun group; rank 0 holds the trained "
+                                 "classifier and writes the run folder.")
         if not hasattr(self, "model_"):
             raise NotFittedError("This ImageClassifier is not trained yet; call .fit(data) or headstart.load(run).")
 
@@ -267,6 +281,8 @@ class ImageClassifier:
         The run is finished once saved, so the training checkpoints in ``out/checkpoints`` are deleted unless
         ``keep_checkpoints``.
         """
+        if getattr(self, "rank_", 0) != 0:  # on torchrun ranks other than 0: rank 0 writes the run
+            return Path(out)
         self._check()
         if isinstance(self.model_, OnnxModel):
             raise ConfigError(f"this classifier was loaded from the exported file {self.model_.path}; it is "

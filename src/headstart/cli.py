@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, SplitConfig, TrainConfig,
+from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
                      cli_fields)
 from .errors import DatasetError, HeadstartError
 
@@ -44,6 +44,9 @@ EXAMPLES = """examples:
   headstart export run --format onnx --out model.onnx    # one file: graph, classes, preprocessing (docs/onnx.md)
   headstart predict model.onnx new_photos/
   headstart predict run -- -photo-with-leading-dash.jpg
+  headstart shard photos/ --out shards/ --max-count 1000    # tar shards (webdataset layout) + dataset.json
+  headstart train 'shards/train-{000000..000009}.tar' --out run   # val/test shards are found beside them
+  torchrun --nproc-per-node 2 -m headstart train photos/ --out run  # extraction spread over 2 processes
 
 every command has its own examples: headstart COMMAND --help
 
@@ -59,6 +62,11 @@ HF_HUB_OFFLINE=1 keeps headstart and huggingface_hub from asking the hub at all
 """
 
 COMMAND_EXAMPLES = {
+    "shard": """
+  headstart shard photos/ --out shards/ --max-count 1000    # train-000000.tar ... + dataset.json
+  headstart train 'shards/train-{000000..000009}.tar' --out run   # val/test shards are found beside them
+  torchrun --nproc-per-node 2 -m headstart train shards/ --out run  # each rank reads its share of the shards
+""",
     "serve": """
   headstart serve run                               # http://127.0.0.1:8000/ (a page, and the API)
   headstart serve model.onnx --port 9000 --max-batch 16     # an exported model; routes and limits: docs/serve.md
@@ -170,8 +178,9 @@ def _cmd_train(args) -> None:
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
     clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
-    clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
-    _print_train_report(clf, args.out)
+    if clf.rank_ == 0:  # under torchrun, the other ranks only helped
+        clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
+        _print_train_report(clf, args.out)
 
 
 def _describe_splits(splits) -> str:
@@ -326,6 +335,27 @@ def _cmd_export(args) -> None:
     print(f"use it with: headstart predict {out} IMAGES...   (without headstart: docs/onnx.md)")
 
 
+def _cmd_shard(args) -> None:
+    from .data.datasets import shard_dataset
+    from .data.shards import shard_pattern
+
+    config = ShardConfig(**{f.name: getattr(args, f.name) for f in cli_fields(ShardConfig)})
+    manifest = shard_dataset(args.data, args.out, config)
+    for split, part in manifest["splits"].items():
+        print(f"{split}: {part['images']} images in {len(part['shards'])} shard(s): "
+              f"{Path(args.out) / shard_pattern(part['shards'])}")
+    for path, reason in manifest["skipped"][:10]:
+        print(f"  left out {path}: {reason}")
+    if manifest["skipped"]:
+        print(f"left out {len(manifest['skipped'])} unreadable file(s) (listed in {Path(args.out) / 'dataset.json'})")
+    if manifest["ignored"]:
+        print(f"passed over {len(manifest['ignored'])} file(s) that are not images (listed under ignored in "
+              f"{Path(args.out) / 'dataset.json'})")
+    train = manifest["splits"]["train"]["shards"]
+    print(f"classes: {', '.join(manifest['classes'])}")
+    print(f"train with: headstart train '{Path(args.out) / shard_pattern(train)}' --out RUN")
+
+
 def _cmd_demo(args) -> None:
     log.info("demo in %s: scikit-learn's digits as PNG folders, then train (%s), evaluate and predict", args.out,
              args.backbone)
@@ -443,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, ServeConfig)
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = _command(sub, "shard", "write an image folder or CSV as tar shards (webdataset layout) for training at scale")
+    p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
+    p.add_argument("--out", required=True, help="folder to write the shards and dataset.json to (empty or new)")
+    _add_config_args(p, ShardConfig)
+    p.set_defaults(func=_cmd_shard)
 
     p = _command(sub, "demo", "offline end to end: digits as PNG folders -> train -> evaluate -> predict")
     p.add_argument("--out", default="headstart-demo", help="folder for the demo data and run")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -295,3 +295,16 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty; give a non-empty --api-key or HEADSTART_API_KEY, or neither")
         object.__setattr__(self, "cors", tuple(self.cors or ()))
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How ``headstart shard`` cuts a data set into tar shards. A shard is the unit a rank reads, so a data set
+    should have at least as many shards as there will be ranks; 1000 photos make a shard of about 100 MB."""
+
+    max_count: int = option(1000, "most images per shard", type=int)
+    max_size: int = option(1_000_000_000, "most bytes per shard (about)", cli=False)
+
+    def __post_init__(self):
+        if self.max_count < 1 or self.max_size < 1:
+            raise ConfigError(f"max_count and max_size must be >= 1, got {self.max_count} and {self.max_size}")

@@ -9,6 +9,7 @@ The model is an ``ImageModel`` or an exported ``OnnxModel``: both give a feature
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,13 +18,26 @@ import torch
 from .cache import FeatureCache
 from .data.augment import FlipView
 from .data.images import ImageSource, load_pixels, source_name
-from .data.inputs import collect_images
+from .data.inputs import collect_images as _collect_files
+from .data.shards import shard_images
 from .data.transforms import EvalTransform, decode_size
 from .errors import ConfigError
 from .features import Extraction, extract_features
 from .hardware import Hardware
 
 __all__ = ["Predictor", "collect_images"]
+
+
+def collect_images(inputs: Iterable[ImageSource]) -> list[ImageSource]:
+    """Paths as given, folders expanded recursively to their image files (sorted, hidden ones skipped), tar
+    shards (a ``.tar`` file or pattern) to the images in them; bytes, pictures and arrays pass through."""
+    out: list[ImageSource] = []
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and str(item).endswith(".tar"):
+            out += shard_images(item)
+        else:
+            out += _collect_files([item])
+    return out
 
 
 class Predictor:

@@ -1,8 +1,9 @@
-"""Datasets: image folders (one folder per class), CSV files, and train/val/test layouts.
+"""Datasets: image folders (one folder per class), CSV files, tar shards, and train/val/test layouts.
 
     >>> splits = load_splits("data")          # data/train, data/val (or a stratified split)
     >>> splits.train.classes
     ['ants', 'bees']
+    >>> load_splits("shards/train-{000000..000003}.tar").val   # the val shards listed beside them
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ShardConfig
 from ..errors import DatasetError
+from . import shards
 from .files import is_image_name, is_junk_name
+from .images import read_source
 
-__all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "load_dataset", "load_splits"]
+__all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "read_shards", "load_dataset", "load_splits",
+           "shard_dataset"]
 
 _VAL_NAMES = ("val", "validation", "valid")
 
 
 @dataclass
 class Dataset:
-    """Samples ``(path, label index)`` and ``classes`` in index order; ``ignored`` lists files passed over."""
+    """Samples ``(image, label index)`` and ``classes`` in index order; ``ignored`` lists files passed over.
+    An image is a file ``Path`` or, for tar shards, a ``shards.ShardMember``."""
 
-    samples: list[tuple[Path, int]]
+    samples: list[tuple[Path | shards.ShardMember, int]]
     classes: list[str]
     root: str = ""
     ignored: list[tuple[str, str]] = field(default_factory=list)
@@ -35,7 +41,7 @@ class Dataset:
         return len(self.samples)
 
     @property
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Path | shards.ShardMember]:
         return [p for p, _ in self.samples]
 
     @property
@@ -162,8 +168,55 @@ def read_csv(path: str | Path, classes: list[str] | None = None) -> Dataset:
     return Dataset(samples, list(classes), str(path))
 
 
+def read_shards(source: str | Path, classes: list[str] | None = None) -> Dataset:
+    """The images in tar shards: a pattern (``DIR/val-{000000..000003}.tar``), or a folder written by
+    ``shard_dataset`` that holds a single split (see ``data.shards.scan_shards``).
+
+    Raises:
+        DatasetError: missing or empty shards, classes that ``classes`` lacks, or a folder of several splits.
+    """
+    if Path(source).is_dir():
+        manifest = shards.manifest_beside(source)
+        listed = manifest["splits"] if manifest else {}
+        if len(listed) != 1:
+            names = ", ".join(f"'{Path(source) / shards.shard_pattern(v['shards'])}'" for v in listed.values())
+            raise DatasetError(f"{str(source)!r} holds the shards of {len(listed)} splits; name the one to use: "
+                               f"{names}")
+        files = [Path(source) / f for f in next(iter(listed.values()))["shards"]]
+        scan = shards.scan_shards(files, classes)
+    else:
+        scan = shards.scan_shards(str(source), classes)
+    return Dataset(scan.samples, scan.classes, str(source), scan.ignored)
+
+
+def _shard_splits(data: str | Path) -> tuple[list[Path] | str, list[Path] | None, list[Path] | None]:
+    """Train, val and test shards for ``data``: a shard folder's splits, or a train pattern with the val and test
+    shards its ``dataset.json`` lists beside it (when the pattern names train shards of that manifest)."""
+    manifest = shards.manifest_beside(data) or {"splits": {}}
+    folder = Path(data) if Path(data).is_dir() else Path(data).parent
+    listed = {k: [folder / f for f in v["shards"]] for k, v in manifest["splits"].items()}
+    if Path(data).is_dir():
+        if "train" not in listed:
+            raise DatasetError(f"{str(data)!r} has no train shards (its {shards.MANIFEST} lists "
+                               f"{sorted(listed) or 'none'}); pass a shard pattern instead")
+        return listed["train"], listed.get("val"), listed.get("test")
+    named = shards.expand_shards(data)
+    if set(named) <= set(listed.get("train", [])):
+        return str(data), listed.get("val"), listed.get("test")
+    return str(data), None, None
+
+
+def _as_dataset(found: list[Path] | str | Path, classes: list[str] | None, root: str) -> Dataset:
+    if isinstance(found, list):  # shard files from a manifest
+        scan = shards.scan_shards(found, classes)
+        return Dataset(scan.samples, scan.classes, root, scan.ignored)
+    return load_dataset(found, classes)
+
+
 def load_dataset(source: str | Path, classes: list[str] | None = None) -> Dataset:
-    """A class-folder tree or a CSV file, by what ``source`` is."""
+    """A class-folder tree, a CSV file or tar shards (``read_shards``), by what ``source`` is."""
+    if shards.is_shards(source):
+        return read_shards(source, classes)
     source = Path(source)
     if source.suffix.lower() == ".csv" and source.is_file():
         return read_csv(source, classes)
@@ -190,30 +243,57 @@ def load_splits(data: str | Path, val: str | Path | None = None, test: str | Pat
     """Find train / val / test.
 
     ``data`` is either a folder with ``train/`` (and optionally ``val/`` or ``validation/``, ``test/``),
-    a folder of class folders, or a CSV. Without a val set, ``val_fraction`` of each class is held out.
+    a folder of class folders, a CSV, or tar shards: a train shard pattern (its val and test shards are those
+    listed beside it) or a folder written by ``shard_dataset``. Without a val set, ``val_fraction`` of each class
+    is held out.
     """
-    data = Path(data)
     test_ds = None
-    if data.is_dir() and (data / "train").is_dir():
+    if shards.is_shards(data):
+        found, found_val, found_test = _shard_splits(data)
+        train = _as_dataset(found, None, str(data))
+        val = val if val is not None else found_val
+        test = test if test is not None else found_test
+        data = Path(str(data))
+    elif Path(data).is_dir() and (Path(data) / "train").is_dir():
+        data = Path(data)
         train = load_dataset(data / "train")
         if val is None:
             val = next((data / n for n in _VAL_NAMES if (data / n).is_dir()), None)
         if test is None and (data / "test").is_dir():
             test = data / "test"
     else:
+        data = Path(data)
         train = load_dataset(data)
     ignored = list(train.ignored)
     if val is not None:
-        val_ds = load_dataset(val, train.classes)
+        val_ds = _as_dataset(val, train.classes, str(val))
         ignored += val_ds.ignored
-        note = f"validation set: {val}"
+        note = f"validation set: {_described(val)}"
     elif val_fraction > 0:
         train, val_ds = stratified_split(train, val_fraction, seed)
         note = f"validation set: {val_fraction:.0%} of each class held out from {data} with seed {seed}"
     else:
         val_ds, note = None, "no validation set"
     if test is not None:
-        test_ds = load_dataset(test, train.classes)
+        test_ds = _as_dataset(test, train.classes, str(test))
         ignored += test_ds.ignored
     train.ignored = ignored
     return Splits(train, val_ds, test_ds, note)
+
+
+def _described(source) -> str:
+    if isinstance(source, list):  # shard files listed in a manifest
+        return str(source[0].parent / shards.shard_pattern([p.name for p in source]))
+    return str(source)
+
+
+def shard_dataset(data: str | Path, out: str | Path, config: ShardConfig = ShardConfig()) -> dict:
+    """Write the data set at ``data`` (any layout ``load_splits`` reads; no split is made up) as tar shards in
+    ``out`` with its ``dataset.json`` (``data.shards.write_shards``); returns that manifest.
+
+    Raises:
+        DatasetError: as ``load_splits``. StorageError: ``out`` holds shards already or cannot be written.
+    """
+    splits = load_splits(data, val_fraction=0.0)
+    return shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size, source=str(data),
+                               read=read_source)

@@ -95,7 +95,7 @@ def find_suspects(paths: Sequence[str | Path], labels: Sequence[int], classes: S
                     out[i].append(f"the same file content is also labelled {other_classes}: which label is right?")
                 else:
                     out[i].append(f"the same file content appears {len(group)} times in class "
-                                  f"{classes[labels[i]]!r} (e.g. {Path(paths[others[0]]).name}): a placeholder "
+                                  f"{classes[labels[i]]!r} (e.g. {Path(str(paths[others[0]])).name}): a placeholder "
                                   "or a copy?")
     return [{"path": str(paths[i]), "class": classes[labels[i]], "reason": "; ".join(reasons)}
             for i, reasons in sorted(out.items())]

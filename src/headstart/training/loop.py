@@ -23,8 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..distributed import SINGLE, Distributed
 from ..errors import RunFormatError
 from ..io import atomic_write
+from .steps import RankSteps
 
 __all__ = ["run_loop", "Trainer", "LoopData"]
 
@@ -68,17 +70,22 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
              x_val: torch.Tensor | None, y_val: torch.Tensor | None, config: TrainConfig, *,
              class_weight: torch.Tensor | None = None, checkpoint: Path | None = None, resume: bool = False,
              on_epoch: Callable[[dict], None] | None = None, progress: bool | None = None,
-             desc: str = "train", baseline: float = float("inf"), device: str = "cpu") -> list[dict]:
+             desc: str = "train", baseline: float = float("inf"), device: str = "cpu",
+             dist: Distributed = SINGLE) -> list[dict]:
     """Train ``module`` (inputs -> logits) and leave the best epoch's weights in it; returns the history.
 
     ``train_views``: one tensor ``(N, ...)`` per view. ``checkpoint``: a file written atomically after each
     epoch (weights, optimizer, generator, history); with ``resume`` an existing one is continued.
     ``baseline``: the monitored loss of the weights as given; an epoch must beat it to replace them.
-    ``device``: where the module and each batch run (the caller's ``Hardware.device``).
+    ``device``: where the module and each batch run (the caller's ``Hardware.device``). ``dist``: the process
+    group (see ``Trainer``).
     """
-    trainer = Trainer(module, param_groups, config, class_weight=class_weight, baseline=baseline, device=device)
+    trainer = Trainer(module, param_groups, config, class_weight=class_weight, baseline=baseline, device=device,
+                      dist=dist)
     if resume and checkpoint is not None and checkpoint.exists():
         trainer.restore(checkpoint)
+    dist.agree(trainer.state["epoch"], f"the epoch to resume from; every rank must see the same {checkpoint}: put "
+                                       "--out on a file system all nodes share")
     return trainer.fit(LoopData(train_views, y_train, x_val, y_val), checkpoint=checkpoint, on_epoch=on_epoch,
                        progress=progress, desc=desc)
 
@@ -86,16 +93,23 @@ def run_loop(module: nn.Module, param_groups: list[dict], train_views: list[torc
 class Trainer:
     """AdamW over ``param_groups`` with the schedule of ``config``; early stopping on the monitored loss (val,
     else train) and the best epoch's weights kept. Its progress is ``state`` (a plain dict: checkpoints carry
-    it as JSON)."""
+    it as JSON).
+
+    Over the ranks of a process group (``dist``), each rank takes its part of every step (``steps.RankSteps``),
+    gradients are averaged by DistributedDataParallel, validation is split between the ranks and summed, and
+    rank 0 alone writes the checkpoint: the same steps, and the same history up to rounding, as one process."""
 
     def __init__(self, module: nn.Module, param_groups: list[dict], config: TrainConfig, *,
-                 class_weight: torch.Tensor | None = None, baseline: float = float("inf"), device: str = "cpu"):
-        self.module, self.config, self.device = module.to(device), config, device
+                 class_weight: torch.Tensor | None = None, baseline: float = float("inf"), device: str = "cpu",
+                 dist: Distributed = SINGLE):
+        self.module, self.config, self.device, self.dist = module.to(device), config, device, dist
         self.opt = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        weight = class_weight.to(device) if class_weight is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-        self.plain = nn.CrossEntropyLoss()
+        self.class_weight = class_weight.to(device) if class_weight is not None else None
+        # per image: a step's loss is summed over this rank's images and scaled to the whole batch's mean
+        self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, label_smoothing=config.label_smoothing,
+                                           reduction="none")
+        self.plain = nn.CrossEntropyLoss(reduction="sum")
         self.gen = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)  # dropout draws
         self.state = {"epoch": 0, "step": 0, "best": baseline, "best_epoch": 0, "stale": 0, "history": [],
@@ -109,12 +123,14 @@ class Trainer:
     def fit(self, data: LoopData, *, checkpoint: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
             progress: bool | None = None, desc: str = "train") -> list[dict]:
         state, config = self.state, self.config
+        # wrapped once the weights are final (restored or not); DDP starts every rank from rank 0's weights
+        self.model = self.dist.wrap(self.module)
         bar = tqdm(total=config.epochs, initial=state["epoch"], desc=desc, unit="epoch", leave=False,
                    disable=None if progress is None else not progress)
         while not state["done"] and state["epoch"] < config.epochs:
             row = self._epoch(data)
             self._track_best(row, data.has_val)
-            if checkpoint is not None:
+            if checkpoint is not None and self.dist.primary:
                 _save(checkpoint, self.module, self.opt, self.gen, state, self.best_state)
             if on_epoch is not None:
                 on_epoch(row)
@@ -130,42 +146,44 @@ class Trainer:
     def _epoch(self, data: LoopData) -> dict:
         t0 = time.perf_counter()
         state, config, n, k = self.state, self.config, len(data.y), len(data.views)
-        steps_per_epoch = math.ceil(n / config.batch_size)
-        total, warmup = steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))
+        steps = RankSteps(n, config.batch_size, self.dist, config.seed)
+        total, warmup = len(steps) * config.epochs, int(round(config.warmup_epochs * len(steps)))
         _set_train(self.module)
-        order = torch.randperm(n, generator=self.gen)
         views = torch.randint(0, k, (n,), generator=self.gen)
-        seen, loss_sum, correct = 0, 0.0, 0
-        for i in range(0, n, config.batch_size):
-            idx = order[i:i + config.batch_size]
+        loss_sum, correct = 0.0, 0
+        for step in steps.epoch(state["epoch"]):
+            idx = step.idx
             x = torch.stack([data.views[int(v)][int(j)] for j, v in zip(idx, views[idx])]) if k > 1 \
                 else data.views[0][idx]
             for g, base in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = base * _lr_factor(state["step"], total, warmup, config.cosine)
-            loss, hits = self._step(x.to(self.device), data.y[idx].to(self.device))
+            scale = steps.scale(step, data.y, self.class_weight.cpu() if self.class_weight is not None else None)
+            loss, hits = self._step(x.to(self.device), data.y[idx].to(self.device), step.real.to(self.device), scale)
             state["step"] += 1
-            seen += len(idx)
-            loss_sum += loss * len(idx)
+            loss_sum += loss * step.count
             correct += hits
+        loss_sum, correct = self.dist.sum([loss_sum, correct])
         state["epoch"] += 1
-        row = {"epoch": state["epoch"], "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        row = {"epoch": state["epoch"], "train_loss": loss_sum / n, "train_accuracy": correct / n,
                "lr": self.opt.param_groups[0]["lr"]}
         if data.has_val:
             row["val_loss"], row["val_accuracy"] = _evaluate(self.module, data.x_val, data.y_val, self.plain,
-                                                             config.batch_size, self.device)
+                                                             config.batch_size, self.device, self.dist)
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
         return row
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        logits = self.module(x)
-        loss = self.loss_fn(logits, y)
+    def _step(self, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor, scale: float) -> tuple[float, int]:
+        """One optimizer step on this rank's part of a batch; returns its share of the batch's mean loss (the
+        shares of all ranks add up to it) and its correct predictions. ``real``: 0 for the sampler's padding."""
+        logits = self.model(x)
+        loss = (self.loss_fn(logits, y) * real).sum() * scale
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_grad:
             nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.config.clip_grad)
         self.opt.step()
-        return float(loss.detach()), int((logits.argmax(1) == y).sum())
+        return float(loss.detach()) / self.dist.world_size, int(((logits.argmax(1) == y).float() * real).sum())
 
     def _track_best(self, row: dict, has_val: bool) -> None:
         state = self.state
@@ -178,15 +196,19 @@ class Trainer:
         state["done"] = state["stale"] >= self.config.patience
 
 
-def _evaluate(module, x, y, loss_fn, batch, device="cpu"):
+def _evaluate(module, x, y, loss_fn, batch, device="cpu", dist: Distributed = SINGLE):
+    """Mean loss (``loss_fn`` sums) and accuracy on ``x``; each rank takes a contiguous part, summed over ranks."""
     module.eval()
     total, correct, step = 0.0, 0, max(batch, 256)
+    lo, hi = len(x) * dist.rank // dist.world_size, len(x) * (dist.rank + 1) // dist.world_size
     with torch.no_grad():
-        for i in range(0, len(x), step):
-            xs, ys = x[i:i + step].to(device), y[i:i + step].to(device)
+        for i in range(lo, hi, step):
+            j = min(i + step, hi)
+            xs, ys = x[i:j].to(device), y[i:j].to(device)
             logits = module(xs)
-            total += float(loss_fn(logits, ys)) * len(logits)
+            total += float(loss_fn(logits, ys))
             correct += int((logits.argmax(1) == ys).sum())
+    total, correct = dist.sum([total, correct])
     return total / len(x), correct / len(x)
 
 

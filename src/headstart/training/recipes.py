@@ -17,6 +17,7 @@ from torch import nn
 from ..backbones.weights import state_digest
 from ..data.augment import AugmentedView, preset
 from ..config import STRATEGIES, Recipe, TrainConfig
+from ..distributed import SINGLE, Distributed
 from ..errors import DatasetError
 from ..engines import LazyRunner
 from ..hardware import Hardware
@@ -25,6 +26,8 @@ from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
 from .head import class_weights, fit_head
 from .loop import run_loop
+from .spread import spread_extraction
+from .steps import check_batch
 
 __all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool"]
 
@@ -64,15 +67,21 @@ def _views(source, train, recipe, cache, seed, progress, runner, pool):
     in every view (a file that changed or vanished between two views is left out of all of them)."""
     base = _extract(source, train.paths, cache, progress=progress, desc="train features", runner=runner, pool=pool)
     extractions = [base]
-    aug = preset(recipe.augmentation)
-    if aug is not None and recipe.strategy != "frozen":
-        for v in range(recipe.views):
-            extractions.append(_extract(source, train.paths, cache, AugmentedView(source.data_config, aug, v, seed),
-                                        progress, f"train view {v + 1}/{recipe.views}", runner, pool))
+    for v, view in enumerate(_augmented(source, recipe, seed)):
+        extractions.append(_extract(source, train.paths, cache, view, progress, f"train view {v + 1}/{recipe.views}",
+                                    runner, pool))
     ok = sorted(set.intersection(*(set(ex.ok) for ex in extractions)))
     tensors = [_rows(ex, ok) for ex in extractions]
     passes, cached = sum(ex.computed for ex in extractions), sum(ex.cached for ex in extractions)
     return tensors, ok, base, passes, cached
+
+
+def _augmented(source, recipe, seed) -> list[AugmentedView]:
+    """The augmented views of the training images that ``recipe`` trains on (none for ``frozen``)."""
+    aug = preset(recipe.augmentation)
+    if aug is None or recipe.strategy == "frozen":
+        return []
+    return [AugmentedView(source.data_config, aug, v, seed) for v in range(recipe.views)]
 
 
 def _rows(ex, ok: list[int]) -> torch.Tensor:
@@ -84,10 +93,15 @@ def _rows(ex, ok: list[int]) -> torch.Tensor:
 
 def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, cache, *,
                  checkpoint_dir: Path | None = None, resume: bool = False, progress=None,
-                 engine: str = "auto", hardware: Hardware | None = None) -> TrainResult:
+                 engine: str = "auto", hardware: Hardware | None = None,
+                 dist: Distributed = SINGLE) -> TrainResult | None:
     """Run ``recipe``; the backbone (fine-tuned in place for ``finetune``) and ``head`` end trained.
     ``engine`` runs the frozen part (see ``headstart.engines``); one runner serves every view and split.
-    ``hardware`` (default: the CPU) is where the engine and the training run."""
+    ``hardware`` (default: the CPU) is where the engine and the training run.
+
+    Under a process group (``dist``), the ranks first spread the extraction of every split and view between them
+    (``spread.spread_extraction``); a frozen head then trains on rank 0 alone, from the cache, exactly as one
+    process would, and the other ranks return None; fine-tuning runs on every rank (``loop.Trainer``)."""
     hardware = hardware or Hardware()
     source, upper = backbone, None
     if recipe.strategy == "finetune":
@@ -96,6 +110,13 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
                  "x".join(map(str, source.feature_shape)))
     runner = LazyRunner(source, engine, cache=cache, hardware=hardware)
     pool = feature_pool(recipe, head)
+    spread = None
+    if dist.active:
+        if upper is not None:  # fails now, not after the extraction
+            check_batch(config.batch_size, dist)
+        spread = _spread(dist, source, splits, recipe, cache, config.seed, progress, runner, pool)
+        if not dist.primary and upper is None:
+            return None
     views, ok, base, passes, cached = _views(source, splits.train, recipe, cache, config.seed, progress, runner, pool)
     y_tr = splits.train.labels[ok]
     _check_classes_readable(splits.train.classes, y_tr, len(base.errors))
@@ -111,7 +132,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         row["stage"] = "head"
     if upper is not None:
         stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
-                           progress, hardware)
+                           progress, hardware, dist)
         if any(row["best"] for row in stage2):  # the saved weights are one epoch's, across both stages
             for row in history:
                 row["best"] = False
@@ -120,9 +141,29 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         # new weights, new identity: cached features and exported graphs of the old ones must not be reused
         backbone.weights_digest = state_digest(backbone.body.state_dict())
     errors = base.errors + (val.errors if val else [])
+    val_counts = (val.computed, val.cached) if val else (0, 0)
+    if spread is not None:  # what went through the backbone on every rank, not this rank's reads of the cache
+        (passes, cached), val_counts = spread["train"], spread.get("val", (0, 0))
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
-                       base, val, {"train": passes, "val": val.computed if val else 0},
-                       {"train": cached, "val": val.cached if val else 0})
+                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]})
+
+
+def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
+    """Every extraction this training makes, spread over the ranks; ``{split: (passes, hits)}`` summed over them.
+    The test split is included when it is read through the same frozen backbone (not after fine-tuning)."""
+    jobs = [("train", splits.train.paths, None)]
+    jobs += [("train", splits.train.paths, view) for view in _augmented(source, recipe, seed)]
+    for name in ("val", "test"):
+        ds = getattr(splits, name)
+        if ds is not None and len(ds) and not (name == "test" and recipe.strategy == "finetune"):
+            jobs.append((name, ds.paths, None))
+    counts = spread_extraction(dist, source, [(images, view) for _, images, view in jobs], cache, runner=runner,
+                               pool=pool, progress=progress)
+    totals: dict[str, tuple[int, int]] = {}
+    for (name, _, _), (c, h) in zip(jobs, counts):
+        was = totals.get(name, (0, 0))
+        totals[name] = (was[0] + c, was[1] + h)
+    return totals
 
 
 def _check_classes_readable(classes: list[str], labels: np.ndarray, n_errors: int) -> None:
@@ -148,7 +189,7 @@ class _Top:
 
 
 def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
-              hardware) -> list[dict]:
+              hardware, dist: Distributed = SINGLE) -> list[dict]:
     """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
     must beat the head stage's best monitored loss to replace them)."""
     model = nn.Sequential(upper, head)
@@ -164,7 +205,7 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
     best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
     stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
                       class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
-                      desc="fine-tune", baseline=best_head, device=hardware.device)
+                      desc="fine-tune", baseline=best_head, device=hardware.device, dist=dist)
     model.to("cpu")
     for row in stage2:
         row["stage"] = "finetune"
