@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..errors import ConfigError
 from .files import image_files
+from .shards import shard_images
 
 __all__ = ["image_inputs", "collect_images"]
 
@@ -32,7 +33,9 @@ def collect_images(inputs: Iterable) -> list:
     gives its error row."""
     out: list = []
     for item in inputs:
-        if isinstance(item, (str, os.PathLike)):
+        if isinstance(item, (str, os.PathLike)) and str(item).endswith(".tar"):
+            out += shard_images(item)  # a tar shard or a pattern of them: the images inside
+        elif isinstance(item, (str, os.PathLike)):
             out += image_files(item) if Path(item).is_dir() else [Path(item)]
         else:
             out.append(item)
@@ -50,6 +53,8 @@ def image_inputs(data) -> tuple[list, bool]:
     Raises:
         ConfigError: ``data`` is none of these (a number, ``None``, a dict, a torch tensor...).
     """
+    if isinstance(data, (str, os.PathLike)) and str(data).endswith(".tar"):
+        return shard_images(data), False
     if isinstance(data, (str, os.PathLike)):
         return (image_files(data), False) if Path(data).is_dir() else ([Path(data)], True)
     if isinstance(data, _ONE) or (hasattr(data, "read") and not isinstance(data, (list, tuple))):
