@@ -19,7 +19,6 @@ from ..config import ShardConfig
 from ..errors import DatasetError
 from . import shards
 from .files import is_image_name, is_junk_name
-from .images import read_source
 
 __all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "read_shards", "load_dataset", "load_splits",
            "shard_dataset"]
@@ -294,6 +293,8 @@ def shard_dataset(data: str | Path, out: str | Path, config: ShardConfig = Shard
     Raises:
         DatasetError: as ``load_splits``. StorageError: ``out`` holds shards already or cannot be written.
     """
+    from .images import read_source  # pulls torch in: only when shards are written, not when data is scanned
+
     splits = load_splits(data, val_fraction=0.0)
     return shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size, source=str(data),
                                read=read_source)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import DatasetError, ImageReadError, StorageError
-from .images import is_image_name
+from .files import is_image_name
 
 __all__ = ["ShardMember", "ShardScan", "MANIFEST", "is_shards", "expand_shards", "scan_shards", "manifest_beside",
            "shard_images", "write_shards", "by_shard", "shard_pattern"]
