@@ -128,6 +128,7 @@ def test_a_batch_the_ranks_cannot_share_evenly_is_refused():
 
 # -- N processes ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_two_ranks_frozen_give_exactly_the_one_process_model(tmp_path):
     data = make_folder(tmp_path / "data", per_class=10, val_per_class=4)
     assert main(["train", str(data), "--out", str(tmp_path / "one"), "--cache", str(tmp_path / "c1"), *TINY]) == 0
@@ -139,6 +140,7 @@ def test_two_ranks_frozen_give_exactly_the_one_process_model(tmp_path):
     assert _json(tmp_path / "two", "data.json")["backbone_passes"] == {"train": 20, "val": 8}  # over both ranks
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_four_ranks_on_two_cores_train_from_shards_as_one_process_from_the_folder(tmp_path):
     data = make_folder(tmp_path / "data", per_class=8, val_per_class=4)
     assert main(["shard", str(data), "--out", str(tmp_path / "shards"), "--max-count", "3"]) == 0
@@ -160,6 +162,7 @@ def _checkpoint_epoch(path: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_two_ranks_fine_tune_as_one_process_and_resume_after_a_killed_rank(tmp_path):
     data = make_folder(tmp_path / "data", per_class=32, val_per_class=6)
     args = ["--backbone", "test_tiny", "--epochs", "4", "--strategy", "finetune", "--finetune-epochs", "6",
@@ -191,6 +194,7 @@ def test_two_ranks_fine_tune_as_one_process_and_resume_after_a_killed_rank(tmp_p
     assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) <= 1e-4
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_a_rank_killed_during_extraction_leaves_whole_entries_and_the_rerun_fills_only_the_gaps(tmp_path):
     for split, n in (("train", 150), ("val", 5)):
         for c, colour in enumerate([(40, 60, 200), (200, 50, 40)]):

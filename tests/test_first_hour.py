@@ -208,6 +208,7 @@ def test_run_files_share_one_permission_mode(run):
     assert "model.safetensors" in modes
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_log_lines_never_land_inside_a_progress_bar(tmp_path, image_folder):
     """In a terminal (a pty), a log line written while a bar is drawn gets a line of its own."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import headstart
@@ -83,6 +84,7 @@ def _wait_for(path: Path, proc, seconds: float = 180) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tmp_path):
     data = make_folder(tmp_path / "d", per_class=20, val_per_class=4)
     n = 48
@@ -114,6 +116,7 @@ def test_sigkill_during_extraction_leaves_a_sound_cache_and_a_rerun_completes(tm
     assert headstart.load(run).classes_ == ["blue", "red"]
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_two_trainings_sharing_one_cache_at_once(tmp_path):
     data = make_folder(tmp_path / "d", per_class=16, val_per_class=4)
     n = 40
@@ -185,6 +188,7 @@ def _stopped(proc, seconds: float = 180) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_a_run_stopped_at_any_point_of_a_save_holds_the_old_model_or_the_new_one(tmp_path):
     data_a = make_folder(tmp_path / "a", classes=("blue", "red"), per_class=2, val_per_class=1)
     data_b = make_folder(tmp_path / "b", classes=("green", "red"), per_class=2, val_per_class=1)

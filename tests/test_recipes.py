@@ -111,6 +111,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_training_killed_with_sigkill_resumes_to_the_same_metrics(image_folder, tmp_path):
     # resuming must reproduce the run exactly; whether random weights learn anything doesn't matter here
     args = [str(image_folder), "--backbone", "test_tiny", "--random-init", "--strategy", "finetune",

@@ -366,6 +366,7 @@ def _response(s: socket.socket) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+@pytest.mark.slow  # several processes: runs in the slow tier
 def test_sigterm_finishes_requests_in_flight_then_exits_0(run, photos, tmp_path):
     s = Server(run, tmp_path)
     bodies = [p.read_bytes() for p in photos[1::2]]  # PNGs
