@@ -37,6 +37,23 @@ def _too_large(max_bytes: int, got: str) -> str:
             "Send fewer or smaller images per request")
 
 
+# A client that writes its whole body before it reads (most HTTP clients) only sees the 413 if the server has
+# read what it sent: answering and closing with bytes still unread makes the kernel reset the connection, and the
+# answer is lost. Bodies up to this many times the limit are read and dropped first; larger ones are cut off.
+DRAIN_FACTOR = 8
+
+
+async def _drain(receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes (memory stays one chunk)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over ``max_bytes``, declared (answered at once) or streamed."""
 
@@ -49,6 +66,8 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1").strip()
         if declared.isdigit() and int(declared) > self.max_bytes:
             message = _too_large(self.max_bytes, f"{int(declared) / 2**20:.1f} MB")
+            if int(declared) <= DRAIN_FACTOR * self.max_bytes:
+                await _drain(receive, int(declared))
             response = JSONResponse({"error": message}, 413, headers={"Connection": "close"})
             return await response(scope, receive, send)
         seen = 0
@@ -59,6 +78,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _drain(receive, (DRAIN_FACTOR - 1) * self.max_bytes)
                     raise BodyTooLarge(_too_large(self.max_bytes, f"over {self.max_bytes / 2**20:g} MB"))
             return message
 
