@@ -165,21 +165,20 @@ class ImageClassifier:
         self.classes_ = list(splits.train.classes)
         self.history_ = result.history
         self.metrics_ = {}
+        self.val_proba_ = None
         if result.val_features is not None and len(result.val_ok):
-            self.metrics_["val"] = self._metrics(result.val_features, splits.val.labels[result.val_ok])
+            self.val_proba_ = np.full((len(splits.val), len(self.classes_)), np.nan, dtype=np.float32)
+            self.val_proba_[result.val_ok] = self.model_.scores(result.val_features)
+            self.metrics_["val"] = classification_metrics(splits.val.labels[result.val_ok],
+                                                          self.val_proba_[result.val_ok].argmax(1), self.classes_)
         if splits.test is not None:
             try:
                 self.metrics_["test"] = self.evaluate(splits.test.root)
             except DatasetError as exc:  # an unusable test set must not throw the trained model away
                 log.warning("the test set was not evaluated: %s", exc)
         self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
-        self.report_.seconds["total"] = time.perf_counter() - t_start
+        self.report_.seconds |= result.seconds | {"total": time.perf_counter() - t_start}
         return self
-
-    def _metrics(self, features: torch.Tensor, y) -> dict:
-        with torch.inference_mode():
-            pred = self.model_.head(features).argmax(1).numpy() if len(features) else np.array([], dtype=int)
-        return classification_metrics(y, pred, self.classes_)
 
     # -- using a trained model ------------------------------------------------------------------
     def _check(self):
@@ -258,21 +257,32 @@ class ImageClassifier:
         Raises:
             DatasetError: ``data`` has no class folders (or labels) of this model.
         """
+        ds, probs, ex = self.labelled_proba(data)
+        ok = [i for i in range(len(ds)) if i not in ex.failed]
+        m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
+        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
+                    "tta": self.tta}
+
+    def labelled_proba(self, data: str | Path | Dataset):
+        """``(dataset, probabilities, extraction)`` for labelled data (``evaluate``'s): the probabilities have a NaN
+        row for each unreadable image (``extraction.failed`` says why); features come from the cache when it
+        holds them.
+
+        Raises:
+            DatasetError: ``data`` has no class folders (or labels) of this model, or none of its images reads.
+        """
         self._check()
         ds = data if isinstance(data, Dataset) else load_dataset(data, self.classes_)
         t0 = time.perf_counter()
         probs, failed, ex = self.predictor().probabilities(ds.paths, cache=self._feature_cache(),
                                                            progress=self.progress)
-        ok = [i for i in range(len(ds)) if i not in failed]
         views = f" x {ex.views} views (the image and its mirror)" if ex.views > 1 else ""
         log.info("evaluated %d images%s: %d through the backbone, %d from the cache, %d skipped (%.1f s)", len(ds),
                  views, ex.computed, ex.cached, len(failed), time.perf_counter() - t0)
-        if not ok:
+        if len(failed) == len(ds):
             raise DatasetError(f"none of the {len(ds)} images in {ds.root!r} could be read (see the skipped lines); "
                                "nothing to evaluate")
-        m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
-        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
-                    "tta": self.tta}
+        return ds, probs, ex
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path, *, keep_checkpoints: bool = False) -> Path:
@@ -376,6 +386,7 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
         val_counts=splits.val.counts() if splits.val is not None else {},
         skipped_unreadable=result.errors, ignored=splits.train.ignored, train_val_duplicates=duplicates,
         suspect_images=suspects, val_files=[str(p) for p in splits.val.paths] if splits.val is not None else [],
+        val_labels=[splits.val.classes[y] for y in splits.val.labels] if splits.val is not None else [],
         cache_recomputed=[{"image": img, "entry": entry, "reason": why}
                           for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
         cache_write_error=cache.write_error if cache is not None else None,

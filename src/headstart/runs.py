@@ -52,11 +52,12 @@ class RunReport:
     train_val_duplicates: list[list[str]]
     suspect_images: list[dict]
     val_files: list[str]
+    val_labels: list[str]                        # the class of each of val_files
     cache_recomputed: list[dict]
     cache_write_error: str | None
     backbone_passes: dict[str, int]              # images through the (lower) backbone, per split
     from_cache: dict[str, int]
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # "extraction", "training", "total"
     best: dict = field(default_factory=dict)     # the history row of the saved weights
     stages: dict[str, dict] = field(default_factory=dict)  # each training stage's best row ("head", "finetune")
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
