@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
-                     cli_fields)
+from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ReportConfig, ServeConfig, ShardConfig,
+                     SplitConfig, TrainConfig, cli_fields)
 from .errors import DatasetError, HeadstartError
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
@@ -103,6 +103,12 @@ DATA needs one sub-folder per class (as in training) or a CSV; for loose images 
   headstart predict model.onnx new_photos/          # an exported model, on ONNX Runtime
 
 exit status: 0 when at least one image was predicted (unreadable ones get an ERROR row); 1 when none could be read""",
+    "report": """
+  headstart report run                              # run/report.html: the run's validation set (train writes it too)
+  headstart report run photos/test                  # run/report-test.html: the run evaluated on a test set
+  headstart report run new.csv --out new.html --heatmaps 0
+
+one HTML file that opens offline (images inside it, no JavaScript); the plots also go to run/plots/""",
     "export": """
   headstart export run                              # writes run/model.onnx
   headstart export run --out model.onnx && headstart predict model.onnx photo.jpg
@@ -181,6 +187,21 @@ def _cmd_train(args) -> None:
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
         _print_train_report(clf, args.out)
+        if not args.no_report:
+            _write_run_report(clf, args.out, ReportConfig(heatmaps=args.heatmaps))
+
+
+def _write_run_report(clf, out, config: ReportConfig) -> None:
+    """The report of the run just saved; the model is saved already, so whatever goes wrong here is a warning."""
+    try:
+        from .report import build_report
+
+        path = build_report(out, heatmaps=config.heatmaps, classifier=clf)
+    except Exception as exc:  # noqa: BLE001 - any failure of the report must leave the saved run usable
+        log.warning("warning: the report was not written (%s: %s); the model is saved in %s. Try again with: "
+                    "headstart report %s", type(exc).__name__, " ".join(str(exc).split())[:300], out, out)
+        return
+    print(f"report: {path}")
 
 
 def _describe_splits(splits) -> str:
@@ -335,6 +356,21 @@ def _cmd_export(args) -> None:
     print(f"use it with: headstart predict {out} IMAGES...   (without headstart: docs/onnx.md)")
 
 
+def _cmd_report(args) -> None:
+    from .data.datasets import load_dataset
+    from .runfolder import run_classes
+
+    config = ReportConfig(heatmaps=args.heatmaps)
+    classes = run_classes(args.run)
+    if args.data is not None and classes is not None:  # the data checked before the model libraries load
+        load_dataset(args.data, classes)
+    log.info("report of %s on %s", args.run, args.data or "its validation set")
+    from .report import build_report
+
+    path = build_report(args.run, args.data, out=args.out, heatmaps=config.heatmaps)
+    print(f"report: {path}")
+
+
 def _cmd_shard(args) -> None:
     from .data.datasets import shard_dataset
     from .data.shards import shard_pattern
@@ -409,6 +445,7 @@ def _add_train_args(p) -> None:
     p.add_argument("--test", help="test folder or CSV (default: DATA/test if present)")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_config_args(p, ReportConfig)
 
 
 def _add_engine_arg(p) -> None:
@@ -461,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = _command(sub, "report", "a self-contained HTML report of a run on its validation set or on labelled data")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("data", nargs="?", help="a folder of class folders, or a CSV of path,label rows "
+                                           "(default: the run's own validation set)")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html, or RUN/report-<data>.html for DATA)")
+    _add_config_args(p, ReportConfig, only=("heatmaps",))
+    p.set_defaults(func=_cmd_report)
 
     p = _command(sub, "export", "the whole model (backbone + head) as one ONNX file with its metadata")
     p.add_argument("run", help="run folder written by `headstart train`")

@@ -73,8 +73,7 @@ def _own_predictions(run: Path, data: dict, classifier) -> Predictions | None:
     if probs is not None and len(probs) == len(files):
         unread = np.flatnonzero(np.isnan(probs).any(axis=1))
         return Predictions(files, labels, probs, classes, "validation set",
-                           {int(i): "could not be read (see the skipped files)" for i in unread},
-                           data.get("backbone_passes", {}).get("val"), data.get("from_cache", {}).get("val"))
+                           {int(i): "could not be read (see the skipped files)" for i in unread})
     from ..api import load
 
     clf = classifier if classifier is not None else load(run)

@@ -23,7 +23,7 @@ _TRAIN, _VAL, _BEST, _TUNE = "#1f77b4", "#d62728", "#2ca02c", "#f3e6c5"
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
     return buf.getvalue()
 
