@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def _cmd_train(args) -> None:
 
 def _write_run_report(clf, out, config: ReportConfig) -> None:
     """The report of the run just saved; the model is saved already, so whatever goes wrong here is a warning."""
+    t0 = time.perf_counter()
     try:
         from .report import build_report
 
@@ -201,7 +203,11 @@ def _write_run_report(clf, out, config: ReportConfig) -> None:
         log.warning("warning: the report was not written (%s: %s); the model is saved in %s. Try again with: "
                     "headstart report %s", type(exc).__name__, " ".join(str(exc).split())[:300], out, out)
         return
-    print(f"report: {path}")
+    _print_report_line(path, time.perf_counter() - t0)
+
+
+def _print_report_line(path: Path, seconds: float) -> None:
+    print(f"report: {path} ({path.stat().st_size / 1024:.0f} KB, {seconds:.1f} s)")
 
 
 def _describe_splits(splits) -> str:
@@ -367,8 +373,9 @@ def _cmd_report(args) -> None:
     log.info("report of %s on %s", args.run, args.data or "its validation set")
     from .report import build_report
 
+    t0 = time.perf_counter()
     path = build_report(args.run, args.data, out=args.out, heatmaps=config.heatmaps)
-    print(f"report: {path}")
+    _print_report_line(path, time.perf_counter() - t0)
 
 
 def _cmd_shard(args) -> None:

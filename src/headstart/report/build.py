@@ -158,5 +158,5 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
         eval_counts=(preds.backbone_passes, preds.from_cache) if preds is not None else None,
         version=__version__, seconds=time.perf_counter() - t0)
     write_text(out, html)
-    log.info("report: %s (%.0f KB, %.1f s)", out, out.stat().st_size / 1024, time.perf_counter() - t0)
+    log.debug("report: %s (%.0f KB, %.1f s)", out, out.stat().st_size / 1024, time.perf_counter() - t0)
     return out
