@@ -173,3 +173,19 @@ def test_the_calibration_error_of_an_overconfident_model():
     assert cal["ece"] == pytest.approx(0.4, abs=1e-6) and cal["count"] == [10] and cal["accuracy"] == [0.5]
     right = calibration(_predictions([[0.9, 0.05, 0.05]] * 9 + [[0.05, 0.9, 0.05]], [0] * 9 + [0]))
     assert right["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_fine_tuned_run_shows_its_stage(tiny, tmp_path):
+    run = tmp_path / "tuned" / "run"
+    shutil.copytree(tiny.run, run)
+    lines = (run / "history.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), r.split(","))) for r in lines[1:]]
+    for row in rows:
+        row["best"] = "False"
+    tuned = [dict(rows[-1], epoch=str(len(rows) + i + 1), stage="finetune", best=str(i == 1)) for i in range(3)]
+    (run / "history.csv").write_text("\n".join([",".join(header)] + [",".join(r[k] for k in header)
+                                                                      for r in rows + tuned]) + "\n")
+    html = build_report(run).read_text()
+    assert "the shaded band is the fine-tuning stage" in html
+    assert f"epoch {len(rows) + 2} of {len(rows) + 3} (finetune stage)" in html
+    assert "fine-tuning stage" not in (tiny.run / "report.html").read_text()
