@@ -61,13 +61,12 @@ def _own_val_labels(data: dict, classes: list[str]) -> list[int]:
     return [classes.index(n) for n in names]
 
 
-def _own_predictions(run: Path, data: dict, classifier) -> Predictions | None:
+def _own_predictions(run: Path, classes: list[str], data: dict, classifier) -> Predictions | None:
     """The run's validation set: the probabilities ``classifier`` computed in training when it is given (no
     pass at all), else the saved model over data.json's ``val_files`` (from the feature cache where it has them)."""
     files = data.get("val_files", [])
     if not files:
         return None
-    classes = list((classifier.classes_ if classifier is not None else None) or read_config(run)["classes"])
     labels = np.array(_own_val_labels(data, classes), dtype=np.int64)
     probs = getattr(classifier, "val_proba_", None)
     if probs is not None and len(probs) == len(files):
@@ -123,7 +122,7 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
     data_json, metrics = _read_json(run / "data.json"), _read_json(run / "metrics.json")
     history = _read_history(run / "history.csv")
     if data is None:
-        preds = _own_predictions(run, data_json, classifier)
+        preds = _own_predictions(run, list(config["classes"]), data_json, classifier)
         out = Path(out) if out is not None else run / REPORT_FILE
         plot_dir = run / PLOTS
     else:
