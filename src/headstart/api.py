@@ -274,6 +274,25 @@ class ImageClassifier:
         return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
                     "tta": self.tta}
 
+    def explain(self, images, target: str | int | None = None, method: str = "gradcam") -> list[np.ndarray | None]:
+        """Heatmaps of where the model looked: one float32 ``(H, W)`` array in [0, 1] per image, at the model's
+        input size, for ``target`` (a class name or index; default: each image's predicted class). ``images``
+        as for ``predict_proba``; an unreadable image gives ``None`` (one image: ``ImageReadError``). The
+        pictures, labels and overlays: ``headstart.explain.explain`` and ``overlay``.
+
+        Raises:
+            ConfigError: an unknown class or ``method`` (``config.EXPLAIN_METHODS``), or a model loaded from an
+                exported ONNX file (explain from its run folder).
+            ImageReadError: ``images`` is one image and it cannot be read.
+        """
+        from .explain import explain
+
+        sources, one = image_inputs(images)
+        found = explain(self, sources, target=target, method=method)
+        if one and found[0].error:
+            raise ImageReadError(found[0].source, found[0].error)
+        return [e.heatmap for e in found]
+
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path, *, keep_checkpoints: bool = False) -> Path:
         """Write the run folder (safetensors + JSON + history CSV); returns its path.

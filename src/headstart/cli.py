@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
+from .config import (EXPLAIN_METHODS, BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
                      cli_fields)
 from .errors import DatasetError, HeadstartError
 
@@ -108,6 +108,12 @@ exit status: 0 when at least one image was predicted (unreadable ones get an ERR
   headstart export run --out model.onnx && headstart predict model.onnx photo.jpg
 
 using the file without headstart (onnxruntime, numpy, Pillow): docs/onnx.md""",
+    "explain": """
+  headstart explain run ant.jpg bee.png             # run/heatmaps/ant.heatmap.png ... for the predicted class
+  headstart explain run photos/ --out maps/ --class bees    # where the model sees "bees", in every photo
+  headstart explain run ant.jpg --method gradcam++
+
+the overlays show the picture as the model saw it (resized, cropped); red is where the evidence is strongest""",
     "demo": """
   headstart demo                                    # into ./headstart-demo (an earlier demo there is replaced)
   headstart demo --out /tmp/demo --per-class 20     # a quicker run""",
@@ -318,6 +324,31 @@ def _cmd_predict(args) -> None:
         print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
 
 
+def _cmd_explain(args) -> None:
+    from .data.inputs import collect_images
+
+    images = collect_images(args.paths)
+    if not images:
+        raise DatasetError(f"found no image files in {', '.join(args.paths)} (expected .jpg .jpeg .png .gif .bmp "
+                           ".webp); nothing to explain")
+    out = Path(args.out) if args.out else Path(args.run) / "heatmaps"
+    log.info("explaining %d image(s) with %s (%s); overlays to %s", len(images), args.run, args.method, out)
+    from .api import load
+    from .explain import explain, overlay, overlay_names
+
+    found = explain(load(args.run), images, target=args.target, method=args.method)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max([len(e.source) for e in found] + [4]) + 2
+    for e, name in zip(found, overlay_names([e.source for e in found])):
+        if e.error:
+            print(f"{e.source:<{width}}ERROR {e.error}")
+            continue
+        overlay(e).save(out / name)
+        print(f"{e.source:<{width}}{e.label} {e.probability:.3f}  {out / name}")
+    if all(e.error for e in found):
+        raise DatasetError(f"none of the {len(found)} input(s) could be read as an image (see the ERROR rows)")
+
+
 def _cmd_export(args) -> None:
     out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
     log.info("exporting %s (backbone + head) to %s", args.run, out)
@@ -461,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = _command(sub, "explain", "heatmaps of where the model looked, saved as overlays (Grad-CAM)")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("paths", nargs="+", help="image files and folders (expanded to their images)")
+    p.add_argument("--out", help="folder for the <name>.heatmap.png overlays (default: RUN/heatmaps)")
+    p.add_argument("--class", dest="target", metavar="NAME", help="explain this class (default: the predicted one)")
+    p.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam", help="the class-activation map")
+    p.set_defaults(func=_cmd_explain)
 
     p = _command(sub, "export", "the whole model (backbone + head) as one ONNX file with its metadata")
     p.add_argument("run", help="run folder written by `headstart train`")

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
            "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "EXPLAIN_METHODS",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -29,6 +30,8 @@ ENGINES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 RESIZE_MODES = ("squash", "crop")
+# `headstart explain --method`: the class-activation maps of the grad-cam package (docs/explain.md)
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
 
 
 def option(default, help: str, *, flag: str | None = None, dest: str | None = None, choices=None,
