@@ -235,6 +235,9 @@ class SplitConfig:
 
     val_fraction: float = option(0.2, "share of each class held out for validation when there is no val set",
                                  type=float)
+    exclude: str | None = option(None, "a text file of image paths to leave out of training and validation (one "
+                                 "per line, # comments; e.g. the label errors `headstart check` lists)",
+                                 metavar="FILE")
 
 
 @dataclass(frozen=True)
