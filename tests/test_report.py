@@ -141,8 +141,8 @@ def test_an_older_run_without_val_labels_takes_them_from_the_folders(tiny, tmp_p
 def test_overlays_go_beside_the_first_top_losses(tiny, tmp_path):
     overlay = Image.new("RGB", (32, 32), (255, 0, 0))
     html = build_report(tiny.run, out=tmp_path / "r.html", overlays=[overlay] * 5, heatmaps=3).read_text()
-    assert html.count('alt="heatmap of') == 3 and "a heatmap of where the model looked" in html
-    assert 'alt="heatmap of' not in build_report(tiny.run, out=tmp_path / "s.html").read_text()
+    assert html.count('alt="heatmap of') == 3 and "a heatmap (Grad-CAM) of where the model looked" in html
+    assert 'alt="heatmap of' not in build_report(tiny.run, out=tmp_path / "s.html", heatmaps=0).read_text()
 
 
 # -- the figures, on predictions whose answers are known --------------------------------------------------------

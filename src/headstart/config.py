@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "ShardConfig", "ReportConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "ShardConfig", "ReportConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES",
+           "INTERPOLATIONS", "RESIZE_MODES", "EXPLAIN_METHODS",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -29,6 +30,8 @@ ENGINES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 RESIZE_MODES = ("squash", "crop")
+# `headstart explain --method`: the class-activation maps of the grad-cam package (docs/explain.md)
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
 
 
 def option(default, help: str, *, flag: str | None = None, dest: str | None = None, choices=None,
@@ -232,6 +235,9 @@ class SplitConfig:
 
     val_fraction: float = option(0.2, "share of each class held out for validation when there is no val set",
                                  type=float)
+    exclude: str | None = option(None, "a text file of image paths to leave out of training and validation (one "
+                                 "per line, # comments; e.g. the label errors `headstart check` lists)",
+                                 metavar="FILE")
 
 
 @dataclass(frozen=True)

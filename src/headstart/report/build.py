@@ -61,23 +61,48 @@ def _own_val_labels(data: dict, classes: list[str]) -> list[int]:
     return [classes.index(n) for n in names]
 
 
-def _own_predictions(run: Path, classes: list[str], data: dict, classifier) -> Predictions | None:
-    """The run's validation set: the probabilities ``classifier`` computed in training when it is given (no
-    pass at all), else the saved model over data.json's ``val_files`` (from the feature cache where it has them)."""
+class _Classifier:
+    """The run's classifier: the one given, or loaded from the run the first time it is needed."""
+
+    def __init__(self, run: Path, given=None):
+        self.run, self.given = run, given
+
+    def __call__(self):
+        if self.given is None:
+            from ..api import load
+
+            self.given = load(self.run)
+        return self.given
+
+
+def _own_predictions(classes: list[str], data: dict, classifier: _Classifier) -> Predictions | None:
+    """The run's validation set: the probabilities the classifier computed in training when it was handed over
+    (no pass at all), else the saved model over data.json's ``val_files`` (from the feature cache where it has
+    them)."""
     files = data.get("val_files", [])
     if not files:
         return None
     labels = np.array(_own_val_labels(data, classes), dtype=np.int64)
-    probs = getattr(classifier, "val_proba_", None)
+    probs = getattr(classifier.given, "val_proba_", None)
     if probs is not None and len(probs) == len(files):
         unread = np.flatnonzero(np.isnan(probs).any(axis=1))
         return Predictions(files, labels, probs, classes, "validation set",
                            {int(i): "could not be read (see the skipped files)" for i in unread})
-    from ..api import load
+    ds = Dataset([(Path(p), int(y)) for p, y in zip(files, labels)], classes, root=str(classifier.run))
+    return _predictions(classifier(), ds, "validation set")
 
-    clf = classifier if classifier is not None else load(run)
-    ds = Dataset([(Path(p), int(y)) for p, y in zip(files, labels)], classes, root=str(run))
-    return _predictions(clf, ds, "validation set")
+
+def _heatmaps(classifier: _Classifier, rows: list[dict], n: int) -> list:
+    """Grad-CAM overlays (``headstart.explain``) of the first ``n`` top losses, for their predicted class; None
+    for an image it could not explain. A failure costs the heatmaps only, never the report."""
+    from ..explain import explain, overlay
+
+    try:
+        found = explain(classifier(), [Path(r["path"]) for r in rows[:n]])
+    except Exception as exc:  # noqa: BLE001 - the report is still worth having without its heatmaps
+        log.warning("the report has no heatmaps (%s: %s)", type(exc).__name__, " ".join(str(exc).split())[:300])
+        return []
+    return [overlay(e) if e.heatmap is not None else None for e in found]
 
 
 def _predictions(clf, data, name: str) -> Predictions:
@@ -108,9 +133,11 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
     ``path,label`` rows, as ``headstart evaluate`` takes), the run is evaluated on it: ``RUN/report-<name>.html``
     and ``RUN/plots/<name>/``. ``out`` names another HTML file.
 
+    The first ``heatmaps`` images of the top-losses gallery get a Grad-CAM overlay (``headstart.explain``) for
+    their predicted class, or the pictures (PIL images) given as ``overlays``, in the gallery's order.
+
     ``classifier``: the ``ImageClassifier`` just trained and saved in ``run_dir``; its validation probabilities
-    and model are used instead of being computed again. ``overlays``: pictures (PIL images) shown beside the
-    first top losses, in order, e.g. their heatmaps; ``heatmaps`` is how many of them at most.
+    and model are used instead of being computed or loaded again.
 
     Raises:
         RunFormatError: ``run_dir`` is not a run, or its files are damaged.
@@ -121,14 +148,13 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
     config = read_config(run)
     data_json, metrics = _read_json(run / "data.json"), _read_json(run / "metrics.json")
     history = _read_history(run / "history.csv")
+    clf = _Classifier(run, classifier)
     if data is None:
-        preds = _own_predictions(run, list(config["classes"]), data_json, classifier)
+        preds = _own_predictions(list(config["classes"]), data_json, clf)
         out = Path(out) if out is not None else run / REPORT_FILE
         plot_dir = run / PLOTS
     else:
-        from ..api import load
-
-        preds = _predictions(classifier if classifier is not None else load(run), data, str(data))
+        preds = _predictions(clf(), data, str(data))
         out = Path(out) if out is not None else run / f"report-{data_name(data)}.html"
         plot_dir = run / PLOTS / data_name(data)
 
@@ -145,9 +171,11 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
                                                 plots.confusion(cm, classes, True))
         cal = calibration(preds)
         figures["reliability"] = _write_plot(plot_dir, "reliability.png", plots.reliability(cal))
-        shown = list(overlays or [])[:max(0, heatmaps)]
-        for row, overlay in zip(eval_sec["losses"], shown):
-            row["overlay"] = picture_uri(overlay)
+        if overlays is None and heatmaps > 0:
+            overlays = _heatmaps(clf, eval_sec["losses"], heatmaps)
+        for row, overlay in zip(eval_sec["losses"], list(overlays or [])[:max(0, heatmaps)]):
+            if overlay is not None:
+                row["overlay"] = picture_uri(overlay)
     thumbs = thumbnail_uris(image_paths(data_sec, eval_sec))
     html = _template().render(
         title=f"headstart report: {config.get('backbone', {}).get('name', '?')} run in {run.resolve().name}",

@@ -70,8 +70,9 @@ def run_rows(config: dict, data: dict, metrics: dict, history: list[dict], versi
                                         if k in train) or "not recorded"),
         ("validation", str(data.get("split", "not recorded"))),
         ("saved weights", _best(history)),
-        ("time", f"extraction {_seconds(seconds.get('extraction'))}, training {_seconds(seconds.get('training'))}, "
-                 f"whole run {_seconds(seconds.get('total'))}"),
+        ("time", f"extraction {_seconds(seconds.get('extraction'))}, training {_seconds(seconds.get('training'))}"
+                 + (f", label-error check {_seconds(seconds['label_errors'])}" if "label_errors" in seconds else "")
+                 + f", whole run {_seconds(seconds.get('total'))}"),
         ("backbone passes", ", ".join(f"{split} {n} through the backbone, {cached.get(split, 0)} from the cache"
                                       for split, n in passes.items()) or "not recorded"),
         ("headstart version", str(config.get("headstart_version", "?"))
