@@ -67,6 +67,8 @@ def test_train_writes_the_report_and_its_plots_and_prints_where(tiny):
     assert f"accuracy <b>{metrics['accuracy']:.4f}</b>" in html
     for name in ("broken.jpg", "placeholder.png", "again.png"):  # skipped, suspect, in train and val
         assert name in html, name
+    # each of the 13 validation images is a top loss (the gallery holds 16), each with its heatmap
+    assert html.count('alt="heatmap of') == 13 and "Likely label errors" in html
 
 
 @needs_chromium
@@ -189,3 +191,28 @@ def test_a_fine_tuned_run_shows_its_stage(tiny, tmp_path):
     assert "the shaded band is the fine-tuning stage" in html
     assert f"epoch {len(rows) + 2} of {len(rows) + 3} (finetune stage)" in html
     assert "fine-tuning stage" not in (tiny.run / "report.html").read_text()
+
+
+def test_a_failing_heatmap_costs_the_heatmaps_only(tiny, tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no gradients today")
+
+    monkeypatch.setattr("headstart.explain.explain", broken)
+    html = build_report(tiny.run, out=tmp_path / "r.html").read_text()
+    assert 'alt="heatmap of' not in html and "Top losses" in html
+    assert "the report has no heatmaps (RuntimeError: no gradients today)" in caplog.text
+
+
+def test_likely_label_errors_and_duplicates_across_classes_are_shown_with_thumbnails(tiny, tmp_path):
+    run = tmp_path / "flagged" / "run"
+    shutil.copytree(tiny.run, run)
+    data = json.loads((run / "data.json").read_text())
+    red, blue = tiny.data / "train" / "red" / "red_3.png", tiny.data / "train" / "blue" / "blue_2.png"
+    data["label_errors"] = [{"path": str(red), "given": "red", "suggested": "blue", "quality": 0.02, "rank": 1}]
+    data["duplicates_across_classes"] = [{"a": str(blue), "b": str(red), "similarity": 0.991,
+                                          "labels": ["blue", "red"]}]
+    (run / "data.json").write_text(json.dumps(data))
+    html = build_report(run, heatmaps=0).read_text()
+    assert "Likely label errors (1)" in html and "suggested <span class=\"right\">blue</span>" in html
+    assert "blue / red, similarity 0.991" in html
+    assert html.count(f'alt="{red}"') == 2 and html.count(f'alt="{blue}"') == 1
