@@ -216,3 +216,18 @@ def test_likely_label_errors_and_duplicates_across_classes_are_shown_with_thumbn
     assert "Likely label errors (1)" in html and "suggested <span class=\"right\">blue</span>" in html
     assert "blue / red, similarity 0.991" in html
     assert html.count(f'alt="{red}"') == 2 and html.count(f'alt="{blue}"') == 1
+
+
+def test_the_report_heatmaps_are_those_explain_makes(tiny):
+    # the report lets gradients start at the Grad-CAM layer (a faster backward pass): the same maps
+    from headstart.explain import explain
+    from headstart.report.build import _gradients_from_the_target_layer
+
+    clf = headstart.load(tiny.run)
+    paths = sorted((tiny.data / "val").glob("*/*.png"))[:4]
+    with _gradients_from_the_target_layer(clf.model_):
+        fast = explain(clf, paths)
+    plain = explain(clf, paths)
+    for a, b in zip(fast, plain):
+        assert a.label == b.label and a.heatmap.std() > 0
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
