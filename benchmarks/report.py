@@ -5,7 +5,7 @@ and the size of the HTML file, on hymenoptera (or any data).
 
 Each ``headstart`` command runs in a fresh interpreter, as a user runs it: a default train with an empty feature
 cache (the first run on a data set), the same train again (features from the cache), then ``headstart report``
-on the saved run (its own validation set, and the val folder as other data). The train's time is the one it
+on the saved run (its own validation set, with and without heatmaps, and the val folder as other data). The train's time is the one it
 prints (``time: ... s``, from the start of training to the end), the report's the one ``train`` prints after it
 (``report: ... (KB, s)``). The load average is printed beside: on a shared machine wall times carry it.
 """
@@ -57,9 +57,10 @@ def main() -> None:
         train_s = float(_TRAIN_TIME.search(out).group(1))
         path, kb, report_s = _report_figures(out)
         rows.append((f"train ({name})", train_s, wall, report_s, path.stat().st_size))
-    wall, out = _run(["report", str(run)], cache)
-    path, kb, report_s = _report_figures(out)
-    rows.append(("report RUN (its val set)", None, wall, report_s, path.stat().st_size))
+    for what, extra in (("report RUN (its val set)", []), ("report RUN --heatmaps 0", ["--heatmaps", "0"])):
+        wall, out = _run(["report", str(run), *extra, "--out", str(run / f"report{len(extra)}.html")], cache)
+        path, kb, report_s = _report_figures(out)
+        rows.append((what, None, wall, report_s, path.stat().st_size))
     val = Path(args.data) / "val"
     if val.is_dir():
         wall, out = _run(["report", str(run), str(val)], cache)
