@@ -119,6 +119,13 @@ def test_no_report_skips_it(tmp_path, image_folder):
     assert code == 0 and not (tmp_path / "run" / "report.html").exists() and "report:" not in stdout
 
 
+def test_a_negative_heatmaps_count_fails_before_training(tmp_path, image_folder, capsys):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--heatmaps", "-1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: heatmaps must be a whole number of at least 0, got -1 (--heatmaps)"
+    assert not (tmp_path / "run").exists()
+
+
 def test_report_errors_are_one_line(tiny, tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()

@@ -192,9 +192,10 @@ def _cmd_train(args) -> None:
     from .data.datasets import load_splits
     from .runfolder import check_new_run, check_output_folder
 
-    # before the model libraries load: a wrong --out or data layout fails at once
+    # before the model libraries load: a wrong --out, report setting or data layout fails at once
     check_output_folder(args.out)
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
+    report = ReportConfig(skip=args.no_report, heatmaps=args.heatmaps)
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
     if args.exclude:
@@ -205,8 +206,8 @@ def _cmd_train(args) -> None:
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
         _print_train_report(clf, args.out)
-        if not args.no_report:
-            _write_run_report(clf, args.out, ReportConfig(heatmaps=args.heatmaps))
+        if not report.skip:
+            _write_run_report(clf, args.out, report)
 
 
 def _write_run_report(clf, out, config: ReportConfig) -> None:
