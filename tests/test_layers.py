@@ -26,7 +26,7 @@ LAYERS = [
     {"_version", "errors", "config", "io", "hardware", "distributed", "protocols", "runfolder"},
     {"backbones", "data"},
     {"cache", "engines", "features"},
-    {"heads", "model", "training", "evaluation", "summary"},
+    {"heads", "model", "training", "evaluation", "summary", "label_errors"},
     {"runs", "predict", "export"},
     None,  # the application layer: api and everything built on it
     {"cli", "__main__"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import headstart
 from conftest import HYMENOPTERA, VGG16_NOTOP, needs_shared
 from headstart.cli import main
 from headstart.data.transforms import EvalTransform
+from report_page import CHROMIUM, assert_readable, open_report
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +38,29 @@ def test_default_recipe_on_hymenoptera(tmp_path, capsys):
     assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "backbone passes: train 245, val 153" in out
+    _check_the_report(run, tmp_path)
     assert main(["evaluate", str(run), str(HYMENOPTERA / "val"), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accuracy"] >= 0.93 and report["backbone_passes"] == 0
     # another averaging head on the same images: every feature from the cache, which holds averages only
-    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / "run2"), "--hidden", "64"]) == 0
+    assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / "run2"), "--hidden", "64", "--no-report"]) == 0
     assert "backbone passes: train 0, val 0" in capsys.readouterr().out
     # a flattening head needs the maps: computed once, then served to every head
     for k, passes in enumerate(["train 245, val 153", "train 0, val 0"]):
-        assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / f"flat{k}"), "--head", "flatten"]) == 0
+        assert main(["--quiet", "train", str(HYMENOPTERA), "--out", str(tmp_path / f"flat{k}"), "--head", "flatten", "--no-report"]) == 0
         assert f"backbone passes: {passes}" in capsys.readouterr().out
+
+
+def _check_the_report(run, tmp_path):
+    """The hymenoptera run's report in a browser: complete, offline, and showing the placeholder GIF among the
+    ants as a suspect image, with its thumbnail."""
+    if not Path(CHROMIUM).exists():
+        return
+    seen = open_report(run / "report.html", tmp_path / "hymenoptera-report.png")
+    assert_readable(seen)
+    assert any(i["alt"].endswith("imageNotFound.gif") for i in seen["images"])
+    assert "Suspect images (1)" in seen["no_js"]["text"] and "backbone passes" in seen["no_js"]["text"]
+    assert (run / "report.html").stat().st_size < 5 * 2**20
 
 
 @needs_shared(HYMENOPTERA, VGG16_NOTOP)

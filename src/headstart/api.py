@@ -17,7 +17,7 @@ import torch
 from .backbones import registry
 from .backbones.base import Backbone, create_backbone
 from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
-from .data.datasets import Dataset, Splits, load_dataset, load_splits
+from .data.datasets import Dataset, Splits, load_dataset, load_splits, read_path_list, without_paths
 from .data.images import source_name
 from .data.inputs import image_inputs
 from .data.suspects import find_suspects
@@ -28,6 +28,7 @@ from .export import OnnxModel, is_onnx_file
 from .features import FeatureCache, cache_key, features_shape
 from .hardware import Hardware, default_threads
 from .heads import Head
+from .label_errors import find_label_errors
 from .model import ImageModel
 from .predict import Predictor
 from .runfolder import check_new_run, remove_checkpoints
@@ -50,6 +51,7 @@ class ImageClassifier:
         hidden, dropout: Dense layers before the classifier, and dropout before each.
         cache: a folder for the feature cache, ``True`` for the default one, ``False`` for none.
         val_fraction: share of each class held out for validation when no val set is given.
+        exclude: a text file of image paths (one per line, ``#`` comments) left out of train and val.
         strategy, augment, views, unfreeze, finetune_epochs, finetune_lr: the training ``Recipe``.
         tta: average predictions over the image and its mirror (predict and evaluate).
         engine: runs the frozen backbone: ``"auto"`` (ONNX Runtime when usable, else torch), ``"torch"``, ``"onnx"``.
@@ -61,7 +63,7 @@ class ImageClassifier:
                  dropout: float = 0.0, epochs: int = 60, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 5.0, patience: int = 10, class_weight: str | None = None,
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
-                 val_fraction: float = 0.2, progress: bool | None = None, strategy: str = "frozen",
+                 val_fraction: float = 0.2, exclude: str | Path | None = None, progress: bool | None = None, strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
                  finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto",
                  device: str = "auto"):
@@ -73,7 +75,7 @@ class ImageClassifier:
         self.patience, self.class_weight, self.label_smoothing, self.seed = patience, class_weight, label_smoothing, seed
         self.strategy, self.augment, self.views, self.unfreeze = strategy, augment, views, unfreeze
         self.finetune_epochs, self.finetune_lr = finetune_epochs, finetune_lr
-        self.val_fraction, self.engine, self.device = val_fraction, engine, device
+        self.val_fraction, self.exclude, self.engine, self.device = val_fraction, exclude, engine, device
         self.cache, self.progress, self.tta = cache, progress, tta
         self._configs()
 
@@ -87,7 +89,7 @@ class ImageClassifier:
                                  class_weight=self.class_weight, label_smoothing=self.label_smoothing, seed=self.seed),
             "recipe": Recipe(strategy=self.strategy, augment=self.augment, views=self.views, unfreeze=self.unfreeze,
                              finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr),
-            "split": SplitConfig(self.val_fraction),
+            "split": SplitConfig(self.val_fraction, None if self.exclude is None else str(self.exclude)),
             "engine": EngineConfig(self.engine, self.device),
         }
 
@@ -146,6 +148,7 @@ class ImageClassifier:
             splits = data
         else:
             splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
+        splits, excluded = _excluding(splits, self.exclude)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
@@ -165,21 +168,25 @@ class ImageClassifier:
         self.classes_ = list(splits.train.classes)
         self.history_ = result.history
         self.metrics_ = {}
+        self.val_proba_ = None
         if result.val_features is not None and len(result.val_ok):
-            self.metrics_["val"] = self._metrics(result.val_features, splits.val.labels[result.val_ok])
+            self.val_proba_ = np.full((len(splits.val), len(self.classes_)), np.nan, dtype=np.float32)
+            self.val_proba_[result.val_ok] = self.model_.scores(result.val_features)
+            self.metrics_["val"] = classification_metrics(splits.val.labels[result.val_ok],
+                                                          self.val_proba_[result.val_ok].argmax(1), self.classes_)
         if splits.test is not None:
             try:
                 self.metrics_["test"] = self.evaluate(splits.test.root)
             except DatasetError as exc:  # an unusable test set must not throw the trained model away
                 log.warning("the test set was not evaluated: %s", exc)
         self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
-        self.report_.seconds["total"] = time.perf_counter() - t_start
+        self.report_.excluded, self.report_.exclude_unmatched = excluded
+        found = _label_errors(splits.train, result.train_extraction, self.seed)
+        if found is not None:
+            self.report_.label_errors, self.report_.duplicates_across_classes = found.suspects, found.duplicates
+            self.report_.seconds["label_errors"] = found.seconds
+        self.report_.seconds |= result.seconds | {"total": time.perf_counter() - t_start}
         return self
-
-    def _metrics(self, features: torch.Tensor, y) -> dict:
-        with torch.inference_mode():
-            pred = self.model_.head(features).argmax(1).numpy() if len(features) else np.array([], dtype=int)
-        return classification_metrics(y, pred, self.classes_)
 
     # -- using a trained model ------------------------------------------------------------------
     def _check(self):
@@ -258,21 +265,51 @@ class ImageClassifier:
         Raises:
             DatasetError: ``data`` has no class folders (or labels) of this model.
         """
+        ds, probs, ex = self.labelled_proba(data)
+        ok = [i for i in range(len(ds)) if i not in ex.failed]
+        m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
+        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
+                    "tta": self.tta}
+
+    def labelled_proba(self, data: str | Path | Dataset):
+        """``(dataset, probabilities, extraction)`` for labelled data (``evaluate``'s): the probabilities have a NaN
+        row for each unreadable image (``extraction.failed`` says why); features come from the cache when it
+        holds them.
+
+        Raises:
+            DatasetError: ``data`` has no class folders (or labels) of this model, or none of its images reads.
+        """
         self._check()
         ds = data if isinstance(data, Dataset) else load_dataset(data, self.classes_)
         t0 = time.perf_counter()
         probs, failed, ex = self.predictor().probabilities(ds.paths, cache=self._feature_cache(),
                                                            progress=self.progress)
-        ok = [i for i in range(len(ds)) if i not in failed]
         views = f" x {ex.views} views (the image and its mirror)" if ex.views > 1 else ""
         log.info("evaluated %d images%s: %d through the backbone, %d from the cache, %d skipped (%.1f s)", len(ds),
                  views, ex.computed, ex.cached, len(failed), time.perf_counter() - t0)
-        if not ok:
+        if len(failed) == len(ds):
             raise DatasetError(f"none of the {len(ds)} images in {ds.root!r} could be read (see the skipped lines); "
                                "nothing to evaluate")
-        m = classification_metrics(ds.labels[ok], probs[ok].argmax(1), self.classes_)
-        return m | {"skipped": ex.errors, "backbone_passes": ex.computed, "from_cache": ex.cached, "views": ex.views,
-                    "tta": self.tta}
+        return ds, probs, ex
+
+    def explain(self, images, target: str | int | None = None, method: str = "gradcam") -> list[np.ndarray | None]:
+        """Heatmaps of where the model looked: one float32 ``(H, W)`` array in [0, 1] per image, at the model's
+        input size, for ``target`` (a class name or index; default: each image's predicted class). ``images``
+        as for ``predict_proba``; an unreadable image gives ``None`` (one image: ``ImageReadError``). The
+        pictures, labels and overlays: ``headstart.explain.explain`` and ``overlay``.
+
+        Raises:
+            ConfigError: an unknown class or ``method`` (``config.EXPLAIN_METHODS``), or a model loaded from an
+                exported ONNX file (explain from its run folder).
+            ImageReadError: ``images`` is one image and it cannot be read.
+        """
+        from .explain import explain
+
+        sources, one = image_inputs(images)
+        found = explain(self, sources, target=target, method=method)
+        if one and found[0].error:
+            raise ImageReadError(found[0].source, found[0].error)
+        return [e.heatmap for e in found]
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path, *, keep_checkpoints: bool = False) -> Path:
@@ -347,6 +384,43 @@ def _trained_with(training: dict, input_size: tuple[int, int]) -> dict:
     return params
 
 
+def _excluding(splits: Splits, exclude) -> tuple[Splits, tuple[list[str], list[str]]]:
+    """``splits`` without the images listed in the file ``exclude`` (train and val); with what was left out and
+    the lines that named no image."""
+    if exclude is None:
+        return splits, ([], [])
+    listed = read_path_list(exclude)
+    train, out_train, left = without_paths(splits.train, listed, Path(exclude).parent)
+    val, out_val = splits.val, []
+    if splits.val is not None:
+        val, out_val, left_val = without_paths(splits.val, listed, Path(exclude).parent)
+        left = [line for line in left if line in set(left_val)]
+    log.info("--exclude %s: left out %d image(s) listed there", exclude, len(out_train) + len(out_val))
+    if left:
+        log.warning("%d line(s) of %s name no image of the data, e.g. %s", len(left), exclude, left[0])
+    return Splits(train, val, splits.test, splits.split_note), (out_train + out_val, left)
+
+
+def _label_errors(train: Dataset, extraction, seed: int):
+    """Likely label errors among the training images, from their cached features; a failure is a warning."""
+    try:
+        feats = extraction.features.numpy()
+        found = find_label_errors(feats, train.labels[extraction.ok], train.classes,
+                                  [str(train.paths[i]) for i in extraction.ok], seed=seed)
+    except Exception as exc:  # noqa: BLE001 - the model is trained; listing suspects must never lose it
+        log.warning("the label-error check did not run (%s: %s); the model is saved as usual", type(exc).__name__, exc)
+        return None
+    if found.suspects:
+        log.warning("%d training image(s) look mislabelled: see data.json (label_errors) or the report; e.g. %s "
+                    "(labelled %s, looks like %s)", len(found.suspects), found.suspects[0]["path"],
+                    found.suspects[0]["given"], found.suspects[0]["suggested"])
+    if found.duplicates:
+        log.warning("%d near-duplicate pair(s) are filed under different classes (data.json: "
+                    "duplicates_across_classes), e.g. %s and %s", len(found.duplicates), found.duplicates[0]["a"],
+                    found.duplicates[0]["b"])
+    return found
+
+
 def _weights_name(weights) -> str | None:
     return None if weights is None else str(weights)
 
@@ -376,6 +450,7 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
         val_counts=splits.val.counts() if splits.val is not None else {},
         skipped_unreadable=result.errors, ignored=splits.train.ignored, train_val_duplicates=duplicates,
         suspect_images=suspects, val_files=[str(p) for p in splits.val.paths] if splits.val is not None else [],
+        val_labels=[splits.val.classes[y] for y in splits.val.labels] if splits.val is not None else [],
         cache_recomputed=[{"image": img, "entry": entry, "reason": why}
                           for img, entry, why in tr.recomputed + (va.recomputed if va else [])],
         cache_write_error=cache.write_error if cache is not None else None,

@@ -17,12 +17,13 @@ import io
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
-                     cli_fields)
+from .config import (EXPLAIN_METHODS, BackboneConfig, EngineConfig, HeadConfig, Recipe, ReportConfig, ServeConfig,
+                     ShardConfig, SplitConfig, TrainConfig, cli_fields)
 from .errors import DatasetError, HeadstartError
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
@@ -103,11 +104,30 @@ DATA needs one sub-folder per class (as in training) or a CSV; for loose images 
   headstart predict model.onnx new_photos/          # an exported model, on ONNX Runtime
 
 exit status: 0 when at least one image was predicted (unreadable ones get an ERROR row); 1 when none could be read""",
+    "report": """
+  headstart report run                              # run/report.html: the run's validation set (train writes it too)
+  headstart report run photos/test                  # run/report-test.html: the run evaluated on a test set
+  headstart report run new.csv --out new.html --heatmaps 0
+
+one HTML file that opens offline (images inside it, no JavaScript); the plots also go to run/plots/""",
     "export": """
   headstart export run                              # writes run/model.onnx
   headstart export run --out model.onnx && headstart predict model.onnx photo.jpg
 
 using the file without headstart (onnxruntime, numpy, Pillow): docs/onnx.md""",
+    "check": """
+  headstart check photos/                           # unreadable, suspect, likely mislabelled, duplicated images
+  headstart check photos/ --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150
+  headstart check photos/ --format json > check.json
+  headstart train photos/ --out run --exclude wrong.txt     # leave out the images you decided against
+
+nothing is removed; a listed image is worth a look (label quality: the out-of-fold probability of its label)""",
+    "explain": """
+  headstart explain run ant.jpg bee.png             # run/heatmaps/ant.heatmap.png ... for the predicted class
+  headstart explain run photos/ --out maps/ --class bees    # where the model sees "bees", in every photo
+  headstart explain run ant.jpg --method gradcam++
+
+the overlays show the picture as the model saw it (resized, cropped); red is where the evidence is strongest""",
     "demo": """
   headstart demo                                    # into ./headstart-demo (an earlier demo there is replaced)
   headstart demo --out /tmp/demo --per-class 20     # a quicker run""",
@@ -172,15 +192,40 @@ def _cmd_train(args) -> None:
     from .data.datasets import load_splits
     from .runfolder import check_new_run, check_output_folder
 
-    # before the model libraries load: a wrong --out or data layout fails at once
+    # before the model libraries load: a wrong --out, report setting or data layout fails at once
     check_output_folder(args.out)
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
+    report = ReportConfig(skip=args.no_report, heatmaps=args.heatmaps)
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
+    if args.exclude:
+        from .data.datasets import read_path_list
+
+        read_path_list(args.exclude)  # an unreadable list fails now, not after the model libraries load
     clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
         _print_train_report(clf, args.out)
+        if not report.skip:
+            _write_run_report(clf, args.out, report)
+
+
+def _write_run_report(clf, out, config: ReportConfig) -> None:
+    """The report of the run just saved; the model is saved already, so whatever goes wrong here is a warning."""
+    t0 = time.perf_counter()
+    try:
+        from .report import build_report
+
+        path = build_report(out, heatmaps=config.heatmaps, classifier=clf)
+    except Exception as exc:  # noqa: BLE001 - any failure of the report must leave the saved run usable
+        log.warning("warning: the report was not written (%s: %s); the model is saved in %s. Try again with: "
+                    "headstart report %s", type(exc).__name__, " ".join(str(exc).split())[:300], out, out)
+        return
+    _print_report_line(path, time.perf_counter() - t0)
+
+
+def _print_report_line(path: Path, seconds: float) -> None:
+    print(f"report: {path} ({path.stat().st_size / 1024:.0f} KB, {seconds:.1f} s)")
 
 
 def _describe_splits(splits) -> str:
@@ -212,6 +257,17 @@ def _print_train_report(clf, out) -> None:
             print(f"  {row['path']}: {row['reason']}")
     if r.train_val_duplicates:
         print(f"warning: {len(r.train_val_duplicates)} image(s) are in both train and val")
+    if r.excluded:
+        print(f"left out {len(r.excluded)} image(s) listed in --exclude (listed in {out}/data.json)")
+    if r.label_errors:
+        print(f"warning: {len(r.label_errors)} training image(s) look mislabelled (nothing was removed; listed in "
+              f"{out}/data.json under label_errors; leave them out with --exclude FILE):")
+        for row in r.label_errors[:5]:
+            print(f"  {row['path']}: labelled {row['given']}, looks like {row['suggested']} "
+                  f"(label quality {row['quality']:.2f})")
+    if r.duplicates_across_classes:
+        print(f"warning: {len(r.duplicates_across_classes)} near-duplicate pair(s) are filed under different "
+              f"classes (listed in {out}/data.json under duplicates_across_classes)")
     for line in _best_lines(r.best, r.stages, len(clf.history_)):
         print(line)
     test = clf.metrics_.get("test")
@@ -318,6 +374,73 @@ def _cmd_predict(args) -> None:
         print(f"{n_err} of {len(rows)} file(s) could not be read", file=sys.stderr)
 
 
+def _cmd_check(args) -> None:
+    log.info("checking %s with %s: unreadable, suspect, likely mislabelled and duplicated images", args.data,
+             args.backbone)
+    from .data.datasets import load_splits, read_path_list
+
+    load_splits(args.data, val=args.val, val_fraction=0.0)  # a wrong path fails before the model libraries load
+    if args.exclude:
+        read_path_list(args.exclude)
+    from .checks import check_data
+    from .features import FeatureCache
+
+    cache = None if args.no_cache else (FeatureCache(args.cache) if args.cache else True)
+    r = check_data(args.data, val=args.val, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
+                   exclude=args.exclude, cache=cache, engine=args.engine)
+    if args.format == "json":
+        print(json.dumps(r.as_dict(), indent=2))
+        return
+    n = sum(r.counts.values())
+    print(f"{n} images in {len(r.classes)} classes ({', '.join(f'{c} {k}' for c, k in r.counts.items())}); "
+          f"backbone passes {r.backbone_passes}, from cache {r.from_cache}; {r.seconds['total']:.1f} s")
+    if r.excluded:
+        print(f"left out {len(r.excluded)} image(s) listed in {args.exclude}")
+    for title, rows in (("unreadable (skipped)", [f"{p}: {why}" for p, why in r.skipped_unreadable]),
+                        ("suspect images", [f"{s['path']}: {s['reason']}" for s in r.suspect_images])):
+        if rows:
+            print(f"\n{title}: {len(rows)}")
+            print("\n".join(f"  {row}" for row in rows))
+    if r.label_errors:
+        width = max(len(e["path"]) for e in r.label_errors) + 2
+        print(f"\nlikely label errors: {len(r.label_errors)} (most likely first; quality: probability of the given "
+              "label, out of fold)")
+        print(f"  {'rank':>4}  {'path':<{width}}{'given':<12}{'suggested':<12}quality")
+        for e in r.label_errors:
+            print(f"  {e['rank']:>4}  {e['path']:<{width}}{e['given']:<12}{e['suggested']:<12}{e['quality']:.3f}")
+    else:
+        print("\nlikely label errors: none found")
+    if r.duplicates_across_classes:
+        print(f"\nnear-duplicates in different classes: {len(r.duplicates_across_classes)}")
+        for d in r.duplicates_across_classes:
+            print(f"  {d['similarity']:.3f}  {d['a']} ({d['labels'][0]})  ~  {d['b']} ({d['labels'][1]})")
+
+
+def _cmd_explain(args) -> None:
+    from .data.inputs import collect_images
+
+    images = collect_images(args.paths)
+    if not images:
+        raise DatasetError(f"found no image files in {', '.join(args.paths)} (expected .jpg .jpeg .png .gif .bmp "
+                           ".webp); nothing to explain")
+    out = Path(args.out) if args.out else Path(args.run) / "heatmaps"
+    log.info("explaining %d image(s) with %s (%s); overlays to %s", len(images), args.run, args.method, out)
+    from .api import load
+    from .explain import explain, overlay, overlay_names
+
+    found = explain(load(args.run), images, target=args.target, method=args.method)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max([len(e.source) for e in found] + [4]) + 2
+    for e, name in zip(found, overlay_names([e.source for e in found])):
+        if e.error:
+            print(f"{e.source:<{width}}ERROR {e.error}")
+            continue
+        overlay(e).save(out / name)
+        print(f"{e.source:<{width}}{e.label} {e.probability:.3f}  {out / name}")
+    if all(e.error for e in found):
+        raise DatasetError(f"none of the {len(found)} input(s) could be read as an image (see the ERROR rows)")
+
+
 def _cmd_export(args) -> None:
     out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
     log.info("exporting %s (backbone + head) to %s", args.run, out)
@@ -333,6 +456,22 @@ def _cmd_export(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {model.backbone.name} + head, input {size}, "
           f"classes {', '.join(model.classes)}")
     print(f"use it with: headstart predict {out} IMAGES...   (without headstart: docs/onnx.md)")
+
+
+def _cmd_report(args) -> None:
+    from .data.datasets import load_dataset
+    from .runfolder import run_classes
+
+    config = ReportConfig(heatmaps=args.heatmaps)
+    classes = run_classes(args.run)
+    if args.data is not None and classes is not None:  # the data checked before the model libraries load
+        load_dataset(args.data, classes)
+    log.info("report of %s on %s", args.run, args.data or "its validation set")
+    from .report import build_report
+
+    t0 = time.perf_counter()
+    path = build_report(args.run, args.data, out=args.out, heatmaps=config.heatmaps)
+    _print_report_line(path, time.perf_counter() - t0)
 
 
 def _cmd_shard(args) -> None:
@@ -409,6 +548,7 @@ def _add_train_args(p) -> None:
     p.add_argument("--test", help="test folder or CSV (default: DATA/test if present)")
     p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_config_args(p, ReportConfig)
 
 
 def _add_engine_arg(p) -> None:
@@ -461,6 +601,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the image and its mirror")
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = _command(sub, "report", "a self-contained HTML report of a run on its validation set or on labelled data")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("data", nargs="?", help="a folder of class folders, or a CSV of path,label rows "
+                                           "(default: the run's own validation set)")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html, or RUN/report-<data>.html for DATA)")
+    _add_config_args(p, ReportConfig, only=("heatmaps",))
+    p.set_defaults(func=_cmd_report)
+
+    p = _command(sub, "check", "find unreadable, suspect, likely mislabelled and duplicated images (no training)")
+    p.add_argument("data", help="DATA/train[/val] with class folders, a folder of class folders, or a CSV")
+    _add_config_args(p, BackboneConfig)
+    _add_config_args(p, SplitConfig, only=("exclude",))
+    p.add_argument("--val", help="a validation folder or CSV to check too (default: DATA/val if present)")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="a readable report, or JSON")
+    p.add_argument("--cache", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_engine_arg(p)
+    p.set_defaults(func=_cmd_check)
+
+    p = _command(sub, "explain", "heatmaps of where the model looked, saved as overlays (Grad-CAM)")
+    p.add_argument("run", help="run folder written by `headstart train`")
+    p.add_argument("paths", nargs="+", help="image files and folders (expanded to their images)")
+    p.add_argument("--out", help="folder for the <name>.heatmap.png overlays (default: RUN/heatmaps)")
+    p.add_argument("--class", dest="target", metavar="NAME", help="explain this class (default: the predicted one)")
+    p.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam", help="the class-activation map")
+    p.set_defaults(func=_cmd_explain)
 
     p = _command(sub, "export", "the whole model (backbone + head) as one ONNX file with its metadata")
     p.add_argument("run", help="run folder written by `headstart train`")

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "ShardConfig", "ReportConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES",
+           "INTERPOLATIONS", "RESIZE_MODES", "EXPLAIN_METHODS",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -29,6 +30,8 @@ ENGINES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 RESIZE_MODES = ("squash", "crop")
+# `headstart explain --method`: the class-activation maps of the grad-cam package (docs/explain.md)
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
 
 
 def option(default, help: str, *, flag: str | None = None, dest: str | None = None, choices=None,
@@ -232,6 +235,9 @@ class SplitConfig:
 
     val_fraction: float = option(0.2, "share of each class held out for validation when there is no val set",
                                  type=float)
+    exclude: str | None = option(None, "a text file of image paths to leave out of training and validation (one "
+                                 "per line, # comments; e.g. the label errors `headstart check` lists)",
+                                 metavar="FILE")
 
 
 @dataclass(frozen=True)
@@ -308,3 +314,16 @@ class ShardConfig:
     def __post_init__(self):
         if self.max_count < 1 or self.max_size < 1:
             raise ConfigError(f"max_count and max_size must be >= 1, got {self.max_count} and {self.max_size}")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The run report (``RUN/report.html``, ``headstart report``): ``headstart train`` writes one after saving
+    the model unless ``skip``; ``heatmaps`` of the top-loss images get a heatmap beside them."""
+
+    skip: bool = option(False, "do not write RUN/report.html after training", flag="--no-report", dest="no_report")
+    heatmaps: int = option(16, "top-loss images shown with a heatmap of where the model looked (0: none)", type=int)
+
+    def __post_init__(self):
+        if isinstance(self.heatmaps, bool) or not isinstance(self.heatmaps, int) or self.heatmaps < 0:
+            raise ConfigError(f"heatmaps must be a whole number of at least 0, got {self.heatmaps!r} (--heatmaps)")

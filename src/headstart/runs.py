@@ -52,14 +52,19 @@ class RunReport:
     train_val_duplicates: list[list[str]]
     suspect_images: list[dict]
     val_files: list[str]
+    val_labels: list[str]                        # the class of each of val_files
     cache_recomputed: list[dict]
     cache_write_error: str | None
     backbone_passes: dict[str, int]              # images through the (lower) backbone, per split
     from_cache: dict[str, int]
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # "extraction", "training", "total"
     best: dict = field(default_factory=dict)     # the history row of the saved weights
     stages: dict[str, dict] = field(default_factory=dict)  # each training stage's best row ("head", "finetune")
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
+    label_errors: list[dict] = field(default_factory=list)  # likely mislabelled training images (label_errors.py)
+    duplicates_across_classes: list[dict] = field(default_factory=list)  # near-duplicate pairs in two classes
+    excluded: list[str] = field(default_factory=list)       # images left out by --exclude FILE
+    exclude_unmatched: list[str] = field(default_factory=list)  # lines of that file that named no image
 
     def data_json(self) -> dict:
         """The run's ``data.json``: everything but the metrics (``metrics.json``) and the best epoch."""

@@ -21,7 +21,7 @@ from . import shards
 from .files import is_image_name, is_junk_name
 
 __all__ = ["Dataset", "Splits", "scan_folder", "read_csv", "read_shards", "load_dataset", "load_splits",
-           "shard_dataset"]
+           "shard_dataset", "read_path_list", "without_paths"]
 
 _VAL_NAMES = ("val", "validation", "valid")
 
@@ -298,3 +298,44 @@ def shard_dataset(data: str | Path, out: str | Path, config: ShardConfig = Shard
     splits = load_splits(data, val_fraction=0.0)
     return shards.write_shards(splits, out, max_count=config.max_count, max_size=config.max_size, source=str(data),
                                read=read_source)
+
+
+def read_path_list(path: str | Path) -> list[str]:
+    """The paths listed in a text file, one per line; blank lines and ``#`` comments are passed over.
+
+    Raises:
+        DatasetError: the file cannot be read.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read the exclude list {path}: {exc}; give a text file with one image path "
+                           "per line (# starts a comment)") from exc
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _keys(image) -> set[str]:
+    name = getattr(image, "name", None) if isinstance(image, shards.ShardMember) else None
+    if name is not None:
+        return {str(name)}
+    return {str(image), os.path.realpath(image)}
+
+
+def without_paths(ds: Dataset, listed: list[str], base: str | Path | None = None) -> tuple[Dataset, list[str], list[str]]:
+    """``ds`` without the images named in ``listed`` (as written, relative to the current folder, or relative
+    to ``base``, the list's own folder); returns ``(dataset, excluded paths, lines that named no image)``."""
+    wanted: dict[str, str] = {}
+    for line in listed:
+        for key in {line, os.path.realpath(line)} | ({os.path.realpath(Path(base) / line)} if base else set()):
+            wanted[key] = line
+    kept, excluded, used = [], [], set()
+    for sample in ds.samples:
+        hit = next((wanted[k] for k in _keys(sample[0]) if k in wanted), None)
+        if hit is None:
+            kept.append(sample)
+        else:
+            excluded.append(str(sample[0]))
+            used.add(hit)
+    out = Dataset(kept, list(ds.classes), ds.root, list(ds.ignored))
+    return out, excluded, [line for line in listed if line not in used]

@@ -51,6 +51,7 @@ class TrainResult:
     val_extraction: object | None
     passes: dict                        # images through the (lower) backbone, per split
     cached: dict
+    seconds: dict = dataclasses.field(default_factory=dict)  # "extraction" (every split and view), "training"
 
 
 def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
@@ -103,6 +104,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     (``spread.spread_extraction``); a frozen head then trains on rank 0 alone, from the cache, exactly as one
     process would, and the other ranks return None; fine-tuning runs on every rank (``loop.Trainer``)."""
     hardware = hardware or Hardware()
+    t_start = time.perf_counter()
     source, upper = backbone, None
     if recipe.strategy == "finetune":
         source, upper = split_backbone(backbone, recipe.unfreeze or backbone.entry.finetune_groups)
@@ -125,6 +127,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner,
                        pool=pool)
     y_va = splits.val.labels[val.ok] if val is not None else None
+    t_trained = time.perf_counter()
     top = _Top(upper)
     history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
                        progress=progress, device=hardware.device)
@@ -144,8 +147,10 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     val_counts = (val.computed, val.cached) if val else (0, 0)
     if spread is not None:  # what went through the backbone on every rank, not this rank's reads of the cache
         (passes, cached), val_counts = spread["train"], spread.get("val", (0, 0))
+    seconds = {"extraction": t_trained - t_start, "training": time.perf_counter() - t_trained}
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
-                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]})
+                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
+                       seconds)
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:

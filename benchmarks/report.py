@@ -1,0 +1,82 @@
+"""What the run report costs: the seconds it adds to a default ``headstart train`` against the train's own time,
+and the size of the HTML file, on hymenoptera (or any data).
+
+    PYTHONPATH=src python benchmarks/report.py ../shared/datasets/hymenoptera_data
+
+Each ``headstart`` command runs in a fresh interpreter, as a user runs it: a default train with an empty feature
+cache (the first run on a data set), the same train again (features from the cache), then ``headstart report``
+on the saved run (its own validation set, with and without heatmaps, and the val folder as other data). The train's time is the one it
+prints (``time: ... s``, from the start of training to the end), the report's the one ``train`` prints after it
+(``report: ... (KB, s)``). The load average is printed beside: on a shared machine wall times carry it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_MAIN = "import sys; from headstart.cli import main; sys.exit(main())"
+_TRAIN_TIME = re.compile(r"^time: ([\d.]+) s", re.M)
+_REPORT = re.compile(r"^report: (\S+) \((\d+) KB, ([\d.]+) s\)", re.M)
+
+
+def _run(argv: list[str], cache: str) -> tuple[float, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HEADSTART_CACHE=cache)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _MAIN, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"headstart {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return wall, proc.stdout
+
+
+def _report_figures(stdout: str) -> tuple[Path, int, float]:
+    m = _REPORT.search(stdout)
+    if m is None:
+        sys.exit(f"no report line in the output:\n{stdout[-2000:]}")
+    return Path(m.group(1)), int(m.group(2)), float(m.group(3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", help="a data set headstart train takes (hymenoptera_data)")
+    ap.add_argument("--work", help="folder for the runs and the cache (default: a new temporary folder)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="headstart-report-bench-"))
+    cache = str(work / "cache")
+    rows = []
+    for name in ("cold cache", "warm cache"):
+        run = work / f"run-{name.split()[0]}"
+        wall, out = _run(["train", args.data, "--out", str(run), "--overwrite"], cache)
+        train_s = float(_TRAIN_TIME.search(out).group(1))
+        path, kb, report_s = _report_figures(out)
+        rows.append((f"train ({name})", train_s, wall, report_s, path.stat().st_size))
+    for what, extra in (("report RUN (its val set)", []), ("report RUN --heatmaps 0", ["--heatmaps", "0"])):
+        wall, out = _run(["report", str(run), *extra, "--out", str(run / f"report{len(extra)}.html")], cache)
+        path, kb, report_s = _report_figures(out)
+        rows.append((what, None, wall, report_s, path.stat().st_size))
+    val = Path(args.data) / "val"
+    if val.is_dir():
+        wall, out = _run(["report", str(run), str(val)], cache)
+        path, kb, report_s = _report_figures(out)
+        rows.append(("report RUN DATA/val", None, wall, report_s, path.stat().st_size))
+    load = os.getloadavg()
+    print(f"headstart report benchmark: {args.data}, {os.cpu_count()} cores, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)")
+    print("| command | train time (printed) | command wall time | report time | report / train | report size |")
+    print("|---|---|---|---|---|---|")
+    for what, train_s, wall, report_s, size in rows:
+        share = f"{report_s / train_s:.1%}" if train_s else "-"
+        train = f"{train_s:.1f} s" if train_s else "-"
+        print(f"| {what} | {train} | {wall:.1f} s | {report_s:.2f} s | {share} | {size / 1024:.0f} KB |")
+    print(f"runs in {work}")
+
+
+if __name__ == "__main__":
+    main()

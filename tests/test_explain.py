@@ -1,0 +1,125 @@
+"""Heatmaps (``headstart explain``): every backbone family gives maps of the model's input size, the frozen
+backbone stays frozen, bad input gets one line, and (slow tier) the maps point at the evidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import headstart
+from headstart.backbones.base import create_backbone
+from headstart.cli import main
+from headstart.config import HeadConfig
+from headstart.errors import ConfigError, ImageReadError
+from headstart.explain import explain, overlay, overlay_names, target_layer
+from headstart.heads import Head
+from headstart.model import ImageModel
+
+from conftest import FAST, HYMENOPTERA, VGG16_NOTOP, make_folder, needs_shared
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    data = make_folder(root / "data")
+    clf = headstart.ImageClassifier(**FAST, cache=False, progress=False).fit(data)
+    clf.save(root / "run")
+    return root / "run", data
+
+
+def _model(name: str, **kw) -> ImageModel:
+    backbone = create_backbone(name, **kw).freeze()
+    head = Head(HeadConfig().resolved(backbone.entry.default_head), backbone.feature_shape, 2)
+    return ImageModel(backbone, head, ["a", "b"]).eval()
+
+
+def _picture(seed=0, size=(50, 40)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("test_tiny", {}),
+    ("vgg16", {"weights": None, "input_size": 32}),              # a flatten head over block5
+    ("efficientnet_lite0", {"weights": None, "input_size": 64}),  # an average head (a 2x2 map at 64 px)
+    ("timm:resnet18", {"weights": None, "input_size": 64}),       # any timm model
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_family_gives_a_map_at_the_input_size_and_stays_frozen(name, kw):
+    model = _model(name, **kw)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    [e] = explain(model, [_picture()])
+    h, w = model.data_config.input_size
+    assert e.heatmap.shape == (h, w) and e.heatmap.dtype == np.float32
+    assert 0.0 <= e.heatmap.min() and e.heatmap.max() <= 1.0 and e.heatmap.max() > 0.5
+    assert e.image.size == (w, h) and e.image.mode == "RGB"
+    assert e.label in ("a", "b") and 0.0 < e.probability < 1.0
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert overlay(e).size == (w, h)
+
+
+def test_the_target_layer_is_the_last_feature_map_before_pooling():
+    model = _model("vgg16", weights=None, input_size=32)
+    assert target_layer(model) is model.backbone.body.block5.block5_conv3_relu
+
+
+def test_the_classifier_explains_with_its_own_classes(tiny_run):
+    run, data = tiny_run
+    clf = headstart.load(run)
+    paths = sorted((data / "val" / "red").glob("*.png"))[:2]
+    maps = clf.explain(paths)
+    assert len(maps) == 2 and all(m.shape == (32, 32) for m in maps)
+    named = explain(clf, paths, target="blue")
+    assert [e.label for e in named] == ["blue", "blue"]
+    predicted = explain(clf, paths)
+    assert [e.label for e in predicted] == clf.predict(paths)
+    assert np.allclose([e.probability for e in predicted], clf.predict_proba(paths).max(1), atol=1e-5)
+
+
+def test_bad_input_is_one_clear_line(tiny_run, tmp_path):
+    run, data = tiny_run
+    clf = headstart.load(run)
+    with pytest.raises(ConfigError, match="not one of this model's classes .*blue, red"):
+        clf.explain(data / "val" / "red" / "red_0.png", target="green")
+    with pytest.raises(ConfigError, match="unknown explanation method 'gradkam'"):
+        clf.explain(data / "val" / "red" / "red_0.png", method="gradkam")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        clf.explain(broken)
+    good, bad = explain(clf, [data / "val" / "red" / "red_0.png", broken])
+    assert good.heatmap is not None and bad.heatmap is None and bad.error
+
+
+def test_an_onnx_engine_run_is_explained_with_its_torch_weights(tiny_run, tmp_path):
+    run, data = tiny_run
+    clf = headstart.load(run)
+    clf.engine = "onnx"  # the run's predictions go through ONNX Runtime; the explanation needs gradients
+    [e] = explain(clf, [data / "val" / "blue" / "blue_0.png"])
+    assert e.label == clf.predict(data / "val" / "blue" / "blue_0.png")
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    with pytest.raises(ConfigError, match="exported ONNX model.*run folder"):
+        headstart.load(tmp_path / "m.onnx").explain(data / "val" / "blue" / "blue_0.png")
+
+
+def test_cli_writes_one_overlay_per_image_and_a_line_each(tiny_run, tmp_path, capsys):
+    run, data = tiny_run
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    out = tmp_path / "maps"
+    code = main(["explain", str(run), str(data / "val" / "red" / "red_0.png"), str(tmp_path / "junk.png"),
+                 "--out", str(out), "--class", "red"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].split()[1:3][0] == "red" and lines[0].endswith("red_0.heatmap.png")
+    assert "ERROR" in lines[1]
+    with Image.open(out / "red_0.heatmap.png") as im:
+        assert im.size == (32, 32)
+    assert sorted(p.name for p in out.iterdir()) == ["red_0.heatmap.png"]
+    assert main(["explain", str(run), str(tmp_path / "junk.png"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: none of the 1 input(s) could be read")
+
+
+def test_overlay_names_are_unique():
+    assert overlay_names(["a/x.png", "b/x.jpg", "<image 2>"]) == ["x.heatmap.png", "x_2.heatmap.png",
+                                                                   "image_2.heatmap.png"]
