@@ -212,6 +212,8 @@ def _print_train_report(clf, out) -> None:
             print(f"  {row['path']}: {row['reason']}")
     if r.train_val_duplicates:
         print(f"warning: {len(r.train_val_duplicates)} image(s) are in both train and val")
+    for line in _selection_lines(r.head_selection):
+        print(line)
     for line in _best_lines(r.best, r.stages, len(clf.history_)):
         print(line)
     test = clf.metrics_.get("test")
@@ -219,6 +221,21 @@ def _print_train_report(clf, out) -> None:
         print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images), macro F1 {test['macro_f1']:.4f}")
     print(f"time: {r.seconds['total']:.1f} s ({r.recipe['strategy']})")
     print(f"saved to {out}")
+
+
+def _selection_lines(selection: dict | None) -> list[str]:
+    """The head's choice: how it was scored, each candidate's score, the one kept."""
+    if not selection:
+        return []
+    chosen = selection["chosen"]
+    lines = [f"head chosen by {selection['method']}: {chosen['name']}"
+             + (f", {chosen['epochs']} epochs" if chosen.get("epochs") else "")
+             + f" ({selection['seconds']:.1f} s for {len(selection['candidates'])} candidates)"]
+    for row in selection["candidates"]:
+        mark = "*" if row["name"] == chosen["name"] else " "
+        lines.append(f"  {mark} {row['name']:<42} accuracy {row['accuracy']:.4f}  log loss {row['log_loss']:.4f}"
+                     f"  {row['seconds']:5.1f} s")
+    return lines
 
 
 _STAGE_NAMES = {"head": "head-only stage", "finetune": "fine-tuning stage"}

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "HEAD_SEARCHES", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
 HEAD_POOLS = ("flatten", "avg")
+HEAD_SEARCHES = ("auto", "off")
 AUGMENTS = ("none", "light", "strong")
 ENGINES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -170,8 +171,13 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up", cli=False)
     cosine: bool = option(False, "cosine learning-rate decay after the warm-up", cli=False)
     clip_grad: float | None = option(None, "gradient norm clipping", cli=False)
+    head_search: str = option("auto", "frozen strategy: choose the head (logistic regression over a grid of C, or "
+                              "one hidden layer with dropout) by cross-validation on train (on val from 500 "
+                              "images); off: train the head as given", choices=HEAD_SEARCHES)
 
     def __post_init__(self):
+        if self.head_search not in HEAD_SEARCHES:
+            raise ConfigError(f"head_search must be one of {HEAD_SEARCHES}, got {self.head_search!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"epochs and batch size must be >= 1 and lr > 0; got {self}")
         if self.class_weight not in (None, "balanced"):

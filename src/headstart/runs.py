@@ -60,6 +60,7 @@ class RunReport:
     best: dict = field(default_factory=dict)     # the history row of the saved weights
     stages: dict[str, dict] = field(default_factory=dict)  # each training stage's best row ("head", "finetune")
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
+    head_selection: dict | None = None           # how the head was chosen (training.select), if it was
 
     def data_json(self) -> dict:
         """The run's ``data.json``: everything but the metrics (``metrics.json``) and the best epoch."""

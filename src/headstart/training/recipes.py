@@ -26,6 +26,7 @@ from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
 from .head import class_weights, fit_head
 from .loop import run_loop
+from .select import can_select, select_head
 from .spread import spread_extraction
 from .steps import check_batch
 
@@ -51,6 +52,7 @@ class TrainResult:
     val_extraction: object | None
     passes: dict                        # images through the (lower) backbone, per split
     cached: dict
+    selection: dict | None = None       # how the head was chosen (``select.select_head``), if it was
 
 
 def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
@@ -126,8 +128,14 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
                        pool=pool)
     y_va = splits.val.labels[val.ok] if val is not None else None
     top = _Top(upper)
-    history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
-                       progress=progress, device=hardware.device)
+    selection = None
+    if recipe.strategy == "frozen" and config.head_search == "auto" and can_select(y_tr, len(val.ok) if val else 0):
+        head, history, selection = select_head(head, views[0], y_tr, val.features if val else None, y_va, config,
+                                               device=hardware.device)
+        log.info("head chosen by %s: %s", selection["method"], selection["chosen"]["name"])
+    else:
+        history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
+                           progress=progress, device=hardware.device)
     for row in history:
         row["stage"] = "head"
     if upper is not None:
@@ -145,7 +153,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     if spread is not None:  # what went through the backbone on every rank, not this rank's reads of the cache
         (passes, cached), val_counts = spread["train"], spread.get("val", (0, 0))
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
-                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]})
+                       base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
+                       selection)
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
