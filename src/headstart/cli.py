@@ -21,9 +21,9 @@ import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
+from .config import (AutoConfig, BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
                      cli_fields)
-from .errors import DatasetError, HeadstartError
+from .errors import ConfigError, DatasetError, HeadstartError
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
 
@@ -177,10 +177,38 @@ def _cmd_train(args) -> None:
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
+    auto = AutoConfig(args.auto, args.time_budget)
+    if auto.auto:
+        _auto_train(args, splits, auto)
+        return
     clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
         _print_train_report(clf, args.out)
+
+
+def _auto_train(args, splits, auto) -> None:
+    from pathlib import Path
+
+    from .auto import auto_fit, format_leaderboard
+    from .io import write_json
+
+    if args.strategy != "frozen":
+        raise ConfigError(f"--auto chooses among frozen backbones and heads; it does not take --strategy "
+                          f"{args.strategy}. Leave --strategy out, or drop --auto")
+    print(f"--auto: trying offline backbones within {auto.time_budget} ({auto.seconds():.0f} s)", flush=True)
+    params = {name: getattr(args, name) for cls in TRAIN_CONFIGS for name in _dests(cls)}
+    params["hidden"] = tuple(params["hidden"])
+    clf, board = auto_fit(splits, auto, params, cache=False if args.no_cache else (args.cache or True))
+    if args.overwrite:
+        from .runfolder import remove_checkpoints
+        remove_checkpoints(args.out)
+    clf.save(args.out)
+    write_json(Path(args.out) / "leaderboard.json", board)
+    print("leaderboard (score: the head choice's, see scored_by in leaderboard.json):")
+    for line in format_leaderboard(board):
+        print("  " + line)
+    _print_train_report(clf, args.out)
 
 
 def _describe_splits(splits) -> str:
@@ -459,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
     p.add_argument("--out", required=True, help="run folder to write")
     _add_train_args(p)
+    _add_config_args(p, AutoConfig)
     p.set_defaults(func=_cmd_train)
 
     p = _command(sub, "evaluate", "accuracy, per-class report and confusion matrix on labelled data")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "ShardConfig", "STRATEGIES", "HEAD_POOLS", "HEAD_SEARCHES", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
+           "ServeConfig", "ShardConfig", "AutoConfig", "STRATEGIES", "HEAD_POOLS", "HEAD_SEARCHES", "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
@@ -314,3 +314,27 @@ class ShardConfig:
     def __post_init__(self):
         if self.max_count < 1 or self.max_size < 1:
             raise ConfigError(f"max_count and max_size must be >= 1, got {self.max_count} and {self.max_size}")
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """``headstart train --auto``: offline backbones with heads chosen for each, tried in order of cost until
+    ``time_budget`` (``90s``, ``15m``, ``1h``, or seconds) would be passed; the best by validation is saved."""
+
+    auto: bool = option(False, "try the offline backbones (and --backbone/--weights), each with its head chosen "
+                        "by validation, within --time-budget; save the best and a leaderboard")
+    time_budget: str = option("15m", "--auto: wall time allowed for the search (90s, 15m, 1h)", metavar="TIME")
+
+    def __post_init__(self):
+        self.seconds()
+
+    def seconds(self) -> float:
+        text = str(self.time_budget).strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"time budget {self.time_budget!r} is not a duration; give e.g. 90s, 15m or 1h")
+        return value
