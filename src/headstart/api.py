@@ -32,7 +32,7 @@ from .model import ImageModel
 from .predict import Predictor
 from .runfolder import check_new_run, remove_checkpoints
 from .runs import RunReport, load_model, save_model, write_history, write_json
-from .training.recipes import TrainResult, feature_pool, train_recipe
+from .training.recipes import TrainResult, feature_pool, find_lr, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -65,7 +65,7 @@ class ImageClassifier:
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
                  val_fraction: float = 0.2, progress: bool | None = None, strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
-                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto",
+                 finetune_epochs: int = 15, finetune_lr: float | None = None, tta: bool = False, engine: str = "auto",
                  device: str = "auto", head_search: str = "auto"):
         # scikit-learn's rule: parameters are kept as given; the configs are built from them (and checked) here
         # and again whenever a parameter is changed by hand before fit
@@ -179,6 +179,23 @@ class ImageClassifier:
         self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
         self.report_.seconds["total"] = time.perf_counter() - t_start
         return self
+
+    def lr_find(self, data: str | Path | Splits, val: str | Path | None = None):
+        """The learning-rate range test for fine-tuning (``training.lr_find``): the head trained on the cached
+        boundary activations of ``data``'s training images, then the loss against a rising learning rate over
+        the layer groups ``strategy="finetune"`` trains. Returns an ``LrFind`` (the curve, ``suggestion``); the
+        classifier itself is not trained by it."""
+        import dataclasses
+
+        configs = self._configs()
+        recipe = dataclasses.replace(configs["recipe"], strategy="finetune")
+        splits = data if isinstance(data, Splits) else load_splits(data, val=val, val_fraction=self.val_fraction,
+                                                                    seed=self.seed)
+        backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
+        head = Head(configs["head"].resolved(backbone.entry.default_head), backbone.feature_shape,
+                    len(splits.train.classes))
+        return find_lr(recipe, backbone, splits, head, configs["train"], self._feature_cache(),
+                       progress=self.progress, engine=self.engine, hardware=self._hardware())
 
     def _metrics(self, features: torch.Tensor, y) -> dict:
         with torch.inference_mode():
@@ -389,7 +406,7 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
         cache_write_error=cache.write_error if cache is not None else None,
         backbone_passes=result.passes, from_cache=result.cached,
         best=next((h for h in history if h.get("best")), history[-1] if history else {}), metrics=metrics,
-        stages=stage_bests(history), head_selection=result.selection)
+        stages=stage_bests(history), head_selection=result.selection, lr_find=result.lr_find)
 
 
 def stage_bests(history: list[dict]) -> dict[str, dict]:

@@ -88,9 +88,17 @@ the table is the architecture: no weights are loaded unless --weights names a fi
   headstart train photos/ --out run-vgg --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
   headstart train photos/ --out run --strategy finetune --overwrite     # replace the run in run/
   headstart train photos/ --out run --strategy finetune --resume        # continue a killed run
+  headstart train photos/ --out run --auto --time-budget 5m   # offline backbones + chosen heads, best kept
 
 DATA: DATA/train/<class>/ (with DATA/val/, DATA/test/), a folder of class folders (val: a seeded split), or a
 CSV of path,label rows. Early stopping ends training when the validation loss stops improving (--patience).""",
+    "lr-find": """
+  headstart lr-find photos/                          # efficientnet_lite0's last groups; plot in lr_find.png
+  headstart lr-find photos/ --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --out vgg.png
+
+The head is first trained on the cached activations at the fine-tuning boundary; the test then raises the
+rate of the fine-tuned part (--unfreeze groups and the head) exponentially over 100 mini-batches and suggests
+the steepest descent of the smoothed loss (or the minimum's rate / 10).""",
     "evaluate": """
   headstart evaluate run photos/val                 # accuracy, per-class precision/recall/F1, confusion matrix
   headstart evaluate run photos/test --format json --tta
@@ -294,6 +302,26 @@ def _best_lines(best: dict, stages: dict, epochs: int) -> list[str]:
     return lines
 
 
+def _cmd_lr_find(args) -> None:
+    from .data.datasets import load_splits
+
+    splits = load_splits(args.data, val=args.val, val_fraction=args.val_fraction, seed=args.seed)
+    log.info("data: %s", _describe_splits(splits))
+    from .training.lr_find import plot
+
+    found = _classifier_from_args(args).lr_find(splits)
+    if not found.lrs:
+        raise ConfigError("the range test stopped at its first step (the loss was not finite); check the data")
+    plot(found, args.out, title=f"lr-find: {args.backbone}")
+    print(f"learning-rate range test over {len(found.lrs)} mini-batches ({found.lrs[0]:.1e} to "
+          f"{found.lrs[-1]:.1e}), for the last layer group (earlier groups and the head keep their ratios):")
+    print(f"  suggestion {found.suggestion:.2e}  (steepest descent {found.steepest:.2e}, minimum/10 "
+          f"{found.valley:.2e})")
+    print(f"plot: {args.out}")
+    print(f"use it: headstart train {args.data} --strategy finetune --finetune-lr {found.suggestion:.2e} "
+          "(finetune runs this test by itself when --finetune-lr is not given)")
+
+
 def _cmd_evaluate(args) -> None:
     from .data.datasets import load_dataset
     from .runfolder import run_classes
@@ -489,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_config_args(p, AutoConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = _command(sub, "lr-find", "the learning-rate range test for fine-tuning: loss against a rising rate, plotted")
+    p.add_argument("data", help="DATA/train[/val] with class folders, a folder of class folders, or a CSV")
+    p.add_argument("--out", default="lr_find.png", help="PNG to write the plot to")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_lr_find)
 
     p = _command(sub, "evaluate", "accuracy, per-class report and confusion matrix on labelled data")
     p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")

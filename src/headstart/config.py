@@ -205,7 +205,9 @@ class Recipe:
     views: int = option(5, "augmented views cached per training image", type=int)
     unfreeze: int | None = option(None, "layer groups to fine-tune (default: the backbone's; VGG: block5)", type=int)
     finetune_epochs: int = option(15, "most epochs of fine-tuning", type=int)
-    finetune_lr: float = option(1e-4, "learning rate of the last layer group; earlier ones get less", type=float)
+    finetune_lr: float | None = option(None, "learning rate of the last layer group; earlier ones get less "
+                                       "(default: the learning-rate range test's suggestion, as lr-find)",
+                                       type=float)
     lr_decay: float = option(0.5, "learning-rate factor per earlier layer group", cli=False)
     head_lr_factor: float = option(10.0, "the head's learning rate while fine-tuning, as a multiple of finetune_lr",
                                    cli=False)
@@ -218,6 +220,8 @@ class Recipe:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.views < 1:
             raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.finetune_lr is not None:
+            _finite("finetune_lr", self.finetune_lr, 0.0, lo_open=True)
         if self.augmentation not in AUGMENTS:
             raise ConfigError(f"augmentation {self.augmentation!r} is not one of {sorted(AUGMENTS)}")
 

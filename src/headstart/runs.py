@@ -61,6 +61,7 @@ class RunReport:
     stages: dict[str, dict] = field(default_factory=dict)  # each training stage's best row ("head", "finetune")
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
     head_selection: dict | None = None           # how the head was chosen (training.select), if it was
+    lr_find: dict | None = None                  # the range test that set the fine-tuning rate, if one did
 
     def data_json(self) -> dict:
         """The run's ``data.json``: everything but the metrics (``metrics.json``) and the best epoch."""
