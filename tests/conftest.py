@@ -23,8 +23,9 @@ VGG16_NOTOP = SHARED / "weights" / "vgg16_imagenet_notop.safetensors"
 # The fast tier's classifier: test_tiny (6k parameters, its own 32x32 input, "pretrained" weights that are a
 # fixed seeded draw available offline), so every process builds the same backbone and can share a cache.
 # Enough epochs that a head on its features separates the generated colour classes.
-FAST = dict(backbone="test_tiny", epochs=30, patience=30)
-FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5"]
+# The head as given (no search): these tests are about the epoch loop; tests/test_select.py covers the search.
+FAST = dict(backbone="test_tiny", epochs=30, patience=30, head_search="off")
+FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5", "--head-search", "off"]
 
 
 def fuzz_examples(fast_tier: int) -> int:

@@ -33,7 +33,7 @@ from .model import ImageModel
 from .predict import Predictor
 from .runfolder import check_new_run, remove_checkpoints
 from .runs import RunReport, load_model, save_model, write_history, write_json
-from .training.recipes import TrainResult, feature_pool, train_recipe
+from .training.recipes import TrainResult, feature_pool, find_lr, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -54,6 +54,8 @@ class ImageClassifier:
         exclude: a text file of image paths (one per line, ``#`` comments) left out of train and val.
         strategy, augment, views, unfreeze, finetune_epochs, finetune_lr: the training ``Recipe``.
         tta: average predictions over the image and its mirror (predict and evaluate).
+        head_search: ``"auto"`` (frozen strategy): the head's size, regularisation and epochs chosen by
+            cross-validation on train (on val from 500 images; ``training.select``); ``"off"``: as given.
         engine: runs the frozen backbone: ``"auto"`` (ONNX Runtime when usable, else torch), ``"torch"``, ``"onnx"``.
         The remaining arguments are ``TrainConfig`` fields.
     """
@@ -65,14 +67,15 @@ class ImageClassifier:
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
                  val_fraction: float = 0.2, exclude: str | Path | None = None, progress: bool | None = None, strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
-                 finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto",
-                 device: str = "auto"):
+                 finetune_epochs: int = 15, finetune_lr: float | None = None, tta: bool = False, engine: str = "auto",
+                 device: str = "auto", head_search: str = "auto"):
         # scikit-learn's rule: parameters are kept as given; the configs are built from them (and checked) here
         # and again whenever a parameter is changed by hand before fit
         self.backbone, self.weights, self.input_size = backbone, weights, input_size
         self.head, self.hidden, self.dropout = head, tuple(hidden), dropout
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.patience, self.class_weight, self.label_smoothing, self.seed = patience, class_weight, label_smoothing, seed
+        self.head_search = head_search
         self.strategy, self.augment, self.views, self.unfreeze = strategy, augment, views, unfreeze
         self.finetune_epochs, self.finetune_lr = finetune_epochs, finetune_lr
         self.val_fraction, self.exclude, self.engine, self.device = val_fraction, exclude, engine, device
@@ -86,7 +89,8 @@ class ImageClassifier:
             "head": HeadConfig(self.head, tuple(self.hidden), self.dropout),
             "train": TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                  weight_decay=self.weight_decay, patience=self.patience,
-                                 class_weight=self.class_weight, label_smoothing=self.label_smoothing, seed=self.seed),
+                                 class_weight=self.class_weight, label_smoothing=self.label_smoothing, seed=self.seed,
+                                 head_search=self.head_search),
             "recipe": Recipe(strategy=self.strategy, augment=self.augment, views=self.views, unfreeze=self.unfreeze,
                              finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr),
             "split": SplitConfig(self.val_fraction, None if self.exclude is None else str(self.exclude)),
@@ -164,7 +168,7 @@ class ImageClassifier:
                               hardware=hardware, dist=dist)
         if not dist.primary:  # rank 0 holds the result and writes the run
             return self
-        self.model_ = ImageModel(backbone, head, splits.train.classes).eval()
+        self.model_ = ImageModel(backbone, result.head, splits.train.classes).eval()  # the chosen head
         self.classes_ = list(splits.train.classes)
         self.history_ = result.history
         self.metrics_ = {}
@@ -187,6 +191,23 @@ class ImageClassifier:
             self.report_.seconds["label_errors"] = found.seconds
         self.report_.seconds |= result.seconds | {"total": time.perf_counter() - t_start}
         return self
+
+    def lr_find(self, data: str | Path | Splits, val: str | Path | None = None):
+        """The learning-rate range test for fine-tuning (``training.lr_find``): the head trained on the cached
+        boundary activations of ``data``'s training images, then the loss against a rising learning rate over
+        the layer groups ``strategy="finetune"`` trains. Returns an ``LrFind`` (the curve, ``suggestion``); the
+        classifier itself is not trained by it."""
+        import dataclasses
+
+        configs = self._configs()
+        recipe = dataclasses.replace(configs["recipe"], strategy="finetune")
+        splits = data if isinstance(data, Splits) else load_splits(data, val=val, val_fraction=self.val_fraction,
+                                                                    seed=self.seed)
+        backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
+        head = Head(configs["head"].resolved(backbone.entry.default_head), backbone.feature_shape,
+                    len(splits.train.classes))
+        return find_lr(recipe, backbone, splits, head, configs["train"], self._feature_cache(),
+                       progress=self.progress, engine=self.engine, hardware=self._hardware())
 
     # -- using a trained model ------------------------------------------------------------------
     def _check(self):
@@ -328,6 +349,9 @@ class ImageClassifier:
         configs = self._configs()
         training = {"train_config": configs["train"].to_dict(), "recipe": configs["recipe"].to_dict(),
                     "val_fraction": self.val_fraction, "engine": self.engine, "weights": _weights_name(self.weights)}
+        report = getattr(self, "report_", None)
+        if report is not None and report.head_selection:
+            training["head_selection"] = report.head_selection
         save_model(self.model_, out, training)
         write_json(out / "metrics.json", getattr(self, "metrics_", {}))
         write_history(out / "history.csv", getattr(self, "history_", []))
@@ -370,7 +394,8 @@ def _trained_with(training: dict, input_size: tuple[int, int]) -> dict:
     if "weights" in training:
         params["weights"] = training["weights"]
     train = dict(training.get("train_config", {}))
-    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "class_weight", "label_smoothing", "seed"):
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "class_weight", "label_smoothing", "seed",
+                 "head_search"):
         if name in train:
             params[name] = train[name]
     recipe = dict(training.get("recipe", {}))
@@ -456,7 +481,7 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
         cache_write_error=cache.write_error if cache is not None else None,
         backbone_passes=result.passes, from_cache=result.cached,
         best=next((h for h in history if h.get("best")), history[-1] if history else {}), metrics=metrics,
-        stages=stage_bests(history))
+        stages=stage_bests(history), head_selection=result.selection, lr_find=result.lr_find)
 
 
 def stage_bests(history: list[dict]) -> dict[str, dict]:

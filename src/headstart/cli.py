@@ -22,9 +22,9 @@ import traceback
 from pathlib import Path
 
 from .argparsing import Parser
-from .config import (EXPLAIN_METHODS, BackboneConfig, EngineConfig, HeadConfig, Recipe, ReportConfig, ServeConfig,
-                     ShardConfig, SplitConfig, TrainConfig, cli_fields)
-from .errors import DatasetError, HeadstartError
+from .config import (EXPLAIN_METHODS, AutoConfig, BackboneConfig, EngineConfig, HeadConfig, Recipe, ReportConfig,
+                     ServeConfig, ShardConfig, SplitConfig, TrainConfig, cli_fields)
+from .errors import ConfigError, DatasetError, HeadstartError
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
 
@@ -89,9 +89,17 @@ the table is the architecture: no weights are loaded unless --weights names a fi
   headstart train photos/ --out run-vgg --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --head flatten
   headstart train photos/ --out run --strategy finetune --overwrite     # replace the run in run/
   headstart train photos/ --out run --strategy finetune --resume        # continue a killed run
+  headstart train photos/ --out run --auto --time-budget 5m   # offline backbones + chosen heads, best kept
 
 DATA: DATA/train/<class>/ (with DATA/val/, DATA/test/), a folder of class folders (val: a seeded split), or a
 CSV of path,label rows. Early stopping ends training when the validation loss stops improving (--patience).""",
+    "lr-find": """
+  headstart lr-find photos/                          # efficientnet_lite0's last groups; plot in lr_find.png
+  headstart lr-find photos/ --backbone vgg16 --weights vgg16_notop.safetensors --input-size 150 --out vgg.png
+
+The head is first trained on the cached activations at the fine-tuning boundary; the test then raises the
+rate of the fine-tuned part (--unfreeze groups and the head) exponentially over 100 mini-batches and suggests
+the steepest descent of the smoothed loss (or the minimum's rate / 10).""",
     "evaluate": """
   headstart evaluate run photos/val                 # accuracy, per-class precision/recall/F1, confusion matrix
   headstart evaluate run photos/test --format json --tta
@@ -202,6 +210,12 @@ def _cmd_train(args) -> None:
         from .data.datasets import read_path_list
 
         read_path_list(args.exclude)  # an unreadable list fails now, not after the model libraries load
+    auto = AutoConfig(args.auto, args.time_budget)
+    if auto.auto:
+        clf = _auto_train(args, splits, auto)
+        if not report.skip:
+            _write_run_report(clf, args.out, report)
+        return
     clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
@@ -226,6 +240,31 @@ def _write_run_report(clf, out, config: ReportConfig) -> None:
 
 def _print_report_line(path: Path, seconds: float) -> None:
     print(f"report: {path} ({path.stat().st_size / 1024:.0f} KB, {seconds:.1f} s)")
+
+
+def _auto_train(args, splits, auto) -> None:
+    from pathlib import Path
+
+    from .auto import auto_fit, format_leaderboard
+    from .io import write_json
+
+    if args.strategy != "frozen":
+        raise ConfigError(f"--auto chooses among frozen backbones and heads; it does not take --strategy "
+                          f"{args.strategy}. Leave --strategy out, or drop --auto")
+    print(f"--auto: trying offline backbones within {auto.time_budget} ({auto.seconds():.0f} s)", flush=True)
+    params = {name: getattr(args, name) for cls in TRAIN_CONFIGS for name in _dests(cls)}
+    params["hidden"] = tuple(params["hidden"])
+    clf, board = auto_fit(splits, auto, params, cache=False if args.no_cache else (args.cache or True))
+    if args.overwrite:
+        from .runfolder import remove_checkpoints
+        remove_checkpoints(args.out)
+    clf.save(args.out)
+    write_json(Path(args.out) / "leaderboard.json", board)
+    print("leaderboard (score: the head choice's, see scored_by in leaderboard.json):")
+    for line in format_leaderboard(board):
+        print("  " + line)
+    _print_train_report(clf, args.out)
+    return clf
 
 
 def _describe_splits(splits) -> str:
@@ -268,6 +307,8 @@ def _print_train_report(clf, out) -> None:
     if r.duplicates_across_classes:
         print(f"warning: {len(r.duplicates_across_classes)} near-duplicate pair(s) are filed under different "
               f"classes (listed in {out}/data.json under duplicates_across_classes)")
+    for line in _selection_lines(r.head_selection):
+        print(line)
     for line in _best_lines(r.best, r.stages, len(clf.history_)):
         print(line)
     test = clf.metrics_.get("test")
@@ -275,6 +316,21 @@ def _print_train_report(clf, out) -> None:
         print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images), macro F1 {test['macro_f1']:.4f}")
     print(f"time: {r.seconds['total']:.1f} s ({r.recipe['strategy']})")
     print(f"saved to {out}")
+
+
+def _selection_lines(selection: dict | None) -> list[str]:
+    """The head's choice: how it was scored, each candidate's score, the one kept."""
+    if not selection:
+        return []
+    chosen = selection["chosen"]
+    lines = [f"head chosen by {selection['method']}: {chosen['name']}"
+             + (f", {chosen['epochs']} epochs" if chosen.get("epochs") else "")
+             + f" ({selection['seconds']:.1f} s for {len(selection['candidates'])} candidates)"]
+    for row in selection["candidates"]:
+        mark = "*" if row["name"] == chosen["name"] else " "
+        lines.append(f"  {mark} {row['name']:<42} accuracy {row['accuracy']:.4f}  log loss {row['log_loss']:.4f}"
+                     f"  {row['seconds']:5.1f} s")
+    return lines
 
 
 _STAGE_NAMES = {"head": "head-only stage", "finetune": "fine-tuning stage"}
@@ -303,6 +359,26 @@ def _best_lines(best: dict, stages: dict, epochs: int) -> list[str]:
         else:
             lines.append(f"fine-tuning beat the head-only stage's best (epoch {head['epoch']}: {_scores(head)})")
     return lines
+
+
+def _cmd_lr_find(args) -> None:
+    from .data.datasets import load_splits
+
+    splits = load_splits(args.data, val=args.val, val_fraction=args.val_fraction, seed=args.seed)
+    log.info("data: %s", _describe_splits(splits))
+    from .training.lr_find import plot
+
+    found = _classifier_from_args(args).lr_find(splits)
+    if not found.lrs:
+        raise ConfigError("the range test stopped at its first step (the loss was not finite); check the data")
+    plot(found, args.out, title=f"lr-find: {args.backbone}")
+    print(f"learning-rate range test over {len(found.lrs)} mini-batches ({found.lrs[0]:.1e} to "
+          f"{found.lrs[-1]:.1e}), for the last layer group (earlier groups and the head keep their ratios):")
+    print(f"  suggestion {found.suggestion:.2e}  (steepest descent {found.steepest:.2e}, minimum/10 "
+          f"{found.valley:.2e})")
+    print(f"plot: {args.out}")
+    print(f"use it: headstart train {args.data} --strategy finetune --finetune-lr {found.suggestion:.2e} "
+          "(finetune runs this test by itself when --finetune-lr is not given)")
 
 
 def _cmd_evaluate(args) -> None:
@@ -582,7 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="DATA/train[/val][/test] with class folders, a folder of class folders, or a CSV")
     p.add_argument("--out", required=True, help="run folder to write")
     _add_train_args(p)
+    _add_config_args(p, AutoConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = _command(sub, "lr-find", "the learning-rate range test for fine-tuning: loss against a rising rate, plotted")
+    p.add_argument("data", help="DATA/train[/val] with class folders, a folder of class folders, or a CSV")
+    p.add_argument("--out", default="lr_find.png", help="PNG to write the plot to")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_lr_find)
 
     p = _command(sub, "evaluate", "accuracy, per-class report and confusion matrix on labelled data")
     p.add_argument("run", help="run folder, or an ONNX file from `headstart export`")

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
-           "ServeConfig", "ShardConfig", "ReportConfig", "STRATEGIES", "HEAD_POOLS", "AUGMENTS", "ENGINES", "DEVICES",
-           "INTERPOLATIONS", "RESIZE_MODES", "EXPLAIN_METHODS",
+           "ServeConfig", "ShardConfig", "ReportConfig", "AutoConfig", "STRATEGIES", "HEAD_POOLS", "HEAD_SEARCHES",
+           "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES", "EXPLAIN_METHODS",
            "option", "cli_fields"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
 HEAD_POOLS = ("flatten", "avg")
+HEAD_SEARCHES = ("auto", "off")
 AUGMENTS = ("none", "light", "strong")
 ENGINES = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
@@ -173,8 +174,13 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up", cli=False)
     cosine: bool = option(False, "cosine learning-rate decay after the warm-up", cli=False)
     clip_grad: float | None = option(None, "gradient norm clipping", cli=False)
+    head_search: str = option("auto", "frozen strategy: choose the head (logistic regression over a grid of C, or "
+                              "one hidden layer with dropout) by cross-validation on train (on val from 500 "
+                              "images); off: train the head as given", choices=HEAD_SEARCHES)
 
     def __post_init__(self):
+        if self.head_search not in HEAD_SEARCHES:
+            raise ConfigError(f"head_search must be one of {HEAD_SEARCHES}, got {self.head_search!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"epochs and batch size must be >= 1 and lr > 0; got {self}")
         if self.class_weight not in (None, "balanced"):
@@ -202,7 +208,9 @@ class Recipe:
     views: int = option(5, "augmented views cached per training image", type=int)
     unfreeze: int | None = option(None, "layer groups to fine-tune (default: the backbone's; VGG: block5)", type=int)
     finetune_epochs: int = option(15, "most epochs of fine-tuning", type=int)
-    finetune_lr: float = option(1e-4, "learning rate of the last layer group; earlier ones get less", type=float)
+    finetune_lr: float | None = option(None, "learning rate of the last layer group; earlier ones get less "
+                                       "(default: the learning-rate range test's suggestion, as lr-find)",
+                                       type=float)
     lr_decay: float = option(0.5, "learning-rate factor per earlier layer group", cli=False)
     head_lr_factor: float = option(10.0, "the head's learning rate while fine-tuning, as a multiple of finetune_lr",
                                    cli=False)
@@ -215,6 +223,8 @@ class Recipe:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.views < 1:
             raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.finetune_lr is not None:
+            _finite("finetune_lr", self.finetune_lr, 0.0, lo_open=True)
         if self.augmentation not in AUGMENTS:
             raise ConfigError(f"augmentation {self.augmentation!r} is not one of {sorted(AUGMENTS)}")
 
@@ -327,3 +337,27 @@ class ReportConfig:
     def __post_init__(self):
         if isinstance(self.heatmaps, bool) or not isinstance(self.heatmaps, int) or self.heatmaps < 0:
             raise ConfigError(f"heatmaps must be a whole number of at least 0, got {self.heatmaps!r} (--heatmaps)")
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """``headstart train --auto``: offline backbones with heads chosen for each, tried in order of cost until
+    ``time_budget`` (``90s``, ``15m``, ``1h``, or seconds) would be passed; the best by validation is saved."""
+
+    auto: bool = option(False, "try the offline backbones (and --backbone/--weights), each with its head chosen "
+                        "by validation, within --time-budget; save the best and a leaderboard")
+    time_budget: str = option("15m", "--auto: wall time allowed for the search (90s, 15m, 1h)", metavar="TIME")
+
+    def __post_init__(self):
+        self.seconds()
+
+    def seconds(self) -> float:
+        text = str(self.time_budget).strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"time budget {self.time_budget!r} is not a duration; give e.g. 90s, 15m or 1h")
+        return value

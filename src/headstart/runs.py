@@ -65,6 +65,8 @@ class RunReport:
     duplicates_across_classes: list[dict] = field(default_factory=list)  # near-duplicate pairs in two classes
     excluded: list[str] = field(default_factory=list)       # images left out by --exclude FILE
     exclude_unmatched: list[str] = field(default_factory=list)  # lines of that file that named no image
+    head_selection: dict | None = None           # how the head was chosen (training.select), if it was
+    lr_find: dict | None = None                  # the range test that set the fine-tuning rate, if one did
 
     def data_json(self) -> dict:
         """The run's ``data.json``: everything but the metrics (``metrics.json``) and the best epoch."""

@@ -26,12 +26,16 @@ from ..heads import Head
 from .finetune import finetune_param_groups, split_backbone
 from .head import class_weights, fit_head
 from .loop import run_loop
+from .lr_find import LrFind, range_test
+from .select import can_select, select_head
 from .spread import spread_extraction
 from .steps import check_batch
 
-__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool"]
+__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool", "find_lr", "FALLBACK_LR"]
 
 log = logging.getLogger("headstart")
+
+FALLBACK_LR = 1e-4  # fine-tuning's rate when the range test finds no descent (a flat or broken curve)
 
 
 def feature_pool(recipe: Recipe, head: Head) -> str | None:
@@ -52,6 +56,8 @@ class TrainResult:
     passes: dict                        # images through the (lower) backbone, per split
     cached: dict
     seconds: dict = dataclasses.field(default_factory=dict)  # "extraction" (every split and view), "training"
+    selection: dict | None = None       # how the head was chosen (``select.select_head``), if it was
+    lr_find: dict | None = None         # the range test that set the fine-tuning rate, if one did
 
 
 def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
@@ -129,13 +135,26 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     y_va = splits.val.labels[val.ok] if val is not None else None
     t_trained = time.perf_counter()
     top = _Top(upper)
-    history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
-                       progress=progress, device=hardware.device)
+    selection = None
+    if recipe.strategy == "frozen" and config.head_search == "auto" and can_select(y_tr, len(val.ok) if val else 0):
+        head, history, selection = select_head(head, views[0], y_tr, val.features if val else None, y_va, config,
+                                               device=hardware.device)
+        log.info("head chosen by %s: %s", selection["method"], selection["chosen"]["name"])
+    else:
+        history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
+                           progress=progress, device=hardware.device)
     for row in history:
         row["stage"] = "head"
+    found = None
     if upper is not None:
+        lr = recipe.finetune_lr
+        if lr is None:  # an explicit --finetune-lr wins; else the range test on the trained head sets it
+            found = _range_test(recipe, config, upper, head, views, y_tr, hardware.device)
+            lr = found.suggestion if np.isfinite(found.suggestion) else FALLBACK_LR
+            log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e); fine-tuning "
+                     "at %.2e", found.suggestion, found.steepest, found.valley, lr)
         stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
-                           progress, hardware, dist)
+                           progress, hardware, dist, lr=lr)
         if any(row["best"] for row in stage2):  # the saved weights are one epoch's, across both stages
             for row in history:
                 row["best"] = False
@@ -150,7 +169,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     seconds = {"extraction": t_trained - t_start, "training": time.perf_counter() - t_trained}
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
                        base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
-                       seconds)
+                       seconds, selection, found.to_dict() | {"used": lr} if found is not None else None)
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
@@ -193,14 +212,44 @@ class _Top:
             return torch.cat([self.upper(x[i:i + 64]) for i in range(0, len(x), 64)]) if len(x) else x
 
 
+def _range_groups(recipe, config, upper, head, lr: float) -> list[dict]:
+    return finetune_param_groups(upper, head, lr, lr * recipe.head_lr_factor, recipe.lr_decay,
+                                 weight_decay=recipe.finetune_weight_decay, head_weight_decay=config.weight_decay)
+
+
+def _range_test(recipe, config, upper, head, views, y_tr, device) -> LrFind:
+    """The range test on the fine-tuned part (the upper groups and the trained head), its rates in the ratios
+    fine-tuning gives them; the weights are left as they were."""
+    model = nn.Sequential(upper, head)
+    weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
+    return range_test(model, _range_groups(recipe, config, upper, head, 1.0), views, torch.as_tensor(y_tr),
+                      batch_size=config.batch_size, weight=weight, seed=config.seed, device=device)
+
+
+def find_lr(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, cache, *, progress=None,
+            engine: str = "auto", hardware: Hardware | None = None) -> LrFind:
+    """``headstart lr-find``: the head trained on cached boundary activations, then the range test over the
+    groups ``finetune`` would train. The backbone is left frozen and unchanged."""
+    hardware = hardware or Hardware()
+    source, upper = split_backbone(backbone, recipe.unfreeze or backbone.entry.finetune_groups)
+    runner = LazyRunner(source, engine, cache=cache, hardware=hardware)
+    views, ok, base, _, _ = _views(source, splits.train, recipe, cache, config.seed, progress, runner, None)
+    y_tr = splits.train.labels[ok]
+    _check_classes_readable(splits.train.classes, y_tr, len(base.errors))
+    top = _Top(upper)
+    fit_head(head, [top(v) for v in views], y_tr, None, None, config, progress=progress, device=hardware.device)
+    try:
+        return _range_test(recipe, config, upper, head, views, y_tr, hardware.device)
+    finally:
+        backbone.freeze().eval()
+
+
 def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
-              hardware, dist: Distributed = SINGLE) -> list[dict]:
+              hardware, dist: Distributed = SINGLE, lr: float | None = None) -> list[dict]:
     """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
     must beat the head stage's best monitored loss to replace them)."""
     model = nn.Sequential(upper, head)
-    groups = finetune_param_groups(upper, head, recipe.finetune_lr, recipe.finetune_lr * recipe.head_lr_factor,
-                                   recipe.lr_decay, weight_decay=recipe.finetune_weight_decay,
-                                   head_weight_decay=config.weight_decay)
+    groups = _range_groups(recipe, config, upper, head, lr or recipe.finetune_lr or FALLBACK_LR)
     loop = dataclasses.replace(config, epochs=recipe.finetune_epochs, patience=recipe.finetune_patience(),
                                warmup_epochs=recipe.finetune_warmup_epochs, cosine=True,
                                clip_grad=config.clip_grad or recipe.finetune_clip_grad)

@@ -1,0 +1,51 @@
+"""The learning-rate range test: a finite suggestion inside the tested range, a plot, weights left unchanged,
+and fine-tuning that takes the suggestion when no --finetune-lr is given (and the given one when it is)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+import headstart
+from headstart.cli import main
+from headstart.training.lr_find import plot, range_test
+
+from conftest import FAST, make_folder
+
+
+def _toy(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return x, y
+
+
+def test_the_range_test_suggests_a_finite_rate_and_restores_the_weights(tmp_path):
+    x, y = _toy()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = range_test(model, [{"params": list(model.parameters()), "lr": 1.0}], [x], y, steps=60)
+    assert math.isfinite(found.suggestion) and found.lrs[0] <= found.suggestion <= found.lrs[-1]
+    assert found.losses[0] > min(found.losses)  # the loss came down somewhere on the way
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    png = plot(found, tmp_path / "lr.png")
+    assert Image.open(png).size[0] > 100
+
+
+def test_lr_find_command_prints_a_suggestion_and_writes_the_plot(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=6, val_per_class=2)
+    assert main(["lr-find", str(data), "--backbone", "test_tiny", "--epochs", "3", "--out",
+                 str(tmp_path / "lr.png")]) in (0, None)
+    out = capsys.readouterr().out
+    assert "suggestion" in out and (tmp_path / "lr.png").is_file()
+
+
+def test_finetune_uses_the_range_test_unless_a_rate_is_given(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=6, val_per_class=2)
+    settings = FAST | {"epochs": 3, "strategy": "finetune", "finetune_epochs": 1, "views": 1, "progress": False}
+    found = headstart.ImageClassifier(**settings).fit(data / "train", val=data / "val").report_.lr_find
+    assert found is not None and math.isfinite(found["used"]) and found["used"] > 0
+    given = headstart.ImageClassifier(**settings, finetune_lr=3e-4).fit(data / "train", val=data / "val")
+    assert given.report_.lr_find is None
