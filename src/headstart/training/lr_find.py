@@ -6,8 +6,8 @@
 Mini-batches are drawn from the training inputs with the learning rate multiplied by a constant factor each step
 (``start`` to ``end`` over ``steps``); the loss is smoothed (exponential average with bias correction, as
 fastai) and the test stops once it passes four times its minimum. The suggestion is the steepest descent of the
-smoothed loss when the loss does come down before its minimum, else the minimum's rate / 10 (fastai's two
-rules). The model's weights are put back afterwards.
+smoothed loss when the loss does come down before its minimum, but not above the minimum's rate / 10, and that
+rate otherwise (fastai's two rules, the safer of the two). The model's weights are put back afterwards.
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ def _suggest(found: LrFind) -> None:
     found.steepest = float(10 ** lrs[lo + int(np.argmin(grads))])
     low = int(np.argmin(losses))
     found.valley = float(10 ** lrs[low] / 10)
-    # the steepest descent when the loss does come down before its minimum; a head trained beforehand often
-    # leaves a flat start, and then the minimum's rate / 10 is the safer rule
+    # the steepest descent when the loss does come down before its minimum, but never past the minimum's tenth
+    # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat
+    # curve, and then the minimum's rate / 10 is the rule
     descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
-    found.suggestion = found.steepest if descends else found.valley
+    found.suggestion = min(found.steepest, found.valley) if descends else found.valley
 
 
 def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test") -> Path:
