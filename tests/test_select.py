@@ -70,7 +70,7 @@ def test_a_large_validation_set_is_used_instead_of_cross_validation():
 
 def test_training_chooses_the_head_and_the_run_records_the_choice(tmp_path):
     data = make_folder(tmp_path / "data", per_class=6, val_per_class=3)
-    clf = headstart.ImageClassifier(**(FAST | {"patience": 3}), progress=False).fit(data / "train", val=data / "val")
+    clf = headstart.ImageClassifier(**(FAST | {"patience": 3, "head_search": "auto"}), progress=False).fit(data / "train", val=data / "val")
     sel = clf.report_.head_selection
     assert sel["chosen"]["name"] in [r["name"] for r in sel["candidates"]]
     clf.save(tmp_path / "run")
@@ -85,7 +85,8 @@ def test_training_chooses_the_head_and_the_run_records_the_choice(tmp_path):
 
 def test_head_search_off_trains_the_head_as_given(tmp_path):
     data = make_folder(tmp_path / "data", per_class=6, val_per_class=3)
-    clf = headstart.ImageClassifier(**FAST, head_search="off", progress=False).fit(data / "train", val=data / "val")
+    clf = headstart.ImageClassifier(**(FAST | {"head_search": "off"}), progress=False).fit(data / "train",
+                                                                             val=data / "val")
     assert clf.report_.head_selection is None
     assert len(clf.history_) > 1
 

@@ -6,8 +6,8 @@
 Mini-batches are drawn from the training inputs with the learning rate multiplied by a constant factor each step
 (``start`` to ``end`` over ``steps``); the loss is smoothed (exponential average with bias correction, as
 fastai) and the test stops once it passes four times its minimum. The suggestion is the steepest descent of the
-smoothed loss, unless that lies past the minimum's tenth, which is then taken (fastai's two rules). The model's
-weights are put back afterwards.
+smoothed loss when the loss does come down before its minimum, but not above the minimum's rate / 10, and that
+rate otherwise (fastai's two rules, the safer of the two). The model's weights are put back afterwards.
 """
 
 from __future__ import annotations
@@ -83,15 +83,20 @@ def range_test(model: nn.Module, param_groups: list[dict], views: list[torch.Ten
 
 
 def _suggest(found: LrFind) -> None:
-    if len(found.lrs) < 5:
+    if len(found.lrs) < 10:
         return
     lrs, losses = np.log10(found.lrs), np.asarray(found.losses)
-    cut = len(lrs) - max(1, len(lrs) // 10)  # the blown-up end says nothing about descent
-    grads = np.gradient(losses[:cut], lrs[:cut])
-    found.steepest = float(10 ** lrs[int(np.argmin(grads))])
-    found.valley = float(10 ** lrs[int(np.argmin(losses))] / 10)
-    # the steepest descent, unless it sits past the minimum's tenth (a late drop on a noisy curve)
-    found.suggestion = min(found.steepest, found.valley) if found.steepest > found.valley * 10 else found.steepest
+    # as fastai: the first tenth (the average still settling) and the last steps (the blow-up) say nothing
+    lo, hi = len(lrs) // 10, len(lrs) - 5
+    grads = np.gradient(losses[lo:hi], lrs[lo:hi])
+    found.steepest = float(10 ** lrs[lo + int(np.argmin(grads))])
+    low = int(np.argmin(losses))
+    found.valley = float(10 ** lrs[low] / 10)
+    # the steepest descent when the loss does come down before its minimum, but never past the minimum's tenth
+    # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat
+    # curve, and then the minimum's rate / 10 is the rule
+    descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
+    found.suggestion = min(found.steepest, found.valley) if descends else found.valley
 
 
 def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test") -> Path:
