@@ -123,3 +123,68 @@ def test_cli_writes_one_overlay_per_image_and_a_line_each(tiny_run, tmp_path, ca
 def test_overlay_names_are_unique():
     assert overlay_names(["a/x.png", "b/x.jpg", "<image 2>"]) == ["x.heatmap.png", "x_2.heatmap.png",
                                                                    "image_2.heatmap.png"]
+
+
+# -- the heatmaps point at the evidence ---------------------------------------------------------------------
+_PATCH_COLOURS = {"red": (230, 40, 30), "blue": (30, 60, 230)}
+
+
+def _patch_image(path, colour, side, rng) -> tuple[int, int, int, int]:
+    """A grey textured background (blobs and stripes, no colour) with a coloured square of side/5 at a random
+    place; returns the square's box (x0, y0, x1, y1)."""
+    blobs = np.asarray(Image.fromarray(rng.integers(40, 215, (8, 8), dtype=np.uint8)).resize((side, side),
+                                                                                             Image.BICUBIC), float)
+    stripes = 30 * np.sin(np.arange(side) * rng.uniform(0.2, 0.8) + rng.uniform(0, 6))[None, :]
+    grey = np.clip(blobs + stripes + rng.normal(0, 12, (side, side)), 0, 255)
+    a = np.repeat(grey[..., None], 3, axis=2)
+    p = side // 5
+    x0, y0 = rng.integers(0, side - p, size=2)
+    a[y0:y0 + p, x0:x0 + p] = np.clip(np.array(colour) + rng.normal(0, 10, (p, p, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a.astype(np.uint8)).save(path)
+    return int(x0), int(y0), int(x0 + p), int(y0 + p)
+
+
+def _patch_data(root, side):
+    """Train 14 and val 4 per class; 12 held-out test images per class, with their patch boxes."""
+    rng = np.random.default_rng(7)
+    boxes = {}
+    for split, n in (("train", 14), ("val", 4), ("test", 12)):
+        for name, colour in _PATCH_COLOURS.items():
+            for i in range(n):
+                path = root / split / name / f"{name}_{i}.png"
+                boxes[path] = _patch_image(path, colour, side, rng)
+    return {p: b for p, b in boxes.items() if "test" in p.parts}
+
+
+def _hits(clf, boxes, side) -> float:
+    hits = 0
+    for e, (x0, y0, x1, y1) in zip(explain(clf, list(boxes)), boxes.values()):
+        h, w = e.heatmap.shape
+        y, x = np.unravel_index(int(e.heatmap.argmax()), e.heatmap.shape)
+        # the heatmap is at the model's input size; the image was squashed (resized whole) to it
+        x, y = (x + 0.5) * side / w, (y + 0.5) * side / h
+        hits += x0 <= x < x1 and y0 <= y < y1
+    return hits / len(boxes)
+
+
+# Measured (docs/explain.md): both backbones classify every held-out image right, but the maximum lands in the
+# square for 0-58% of them: the last feature map's cells are as large as the square (EfficientNet 32 px at
+# 160) or the map peaks on the square's edges (VGG), so the maximum sits a cell beside it. Kept as an
+# expected failure that reports the share it measured; a model that stops learning the square still fails.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", [
+    pytest.param(dict(backbone="vgg16", weights=str(VGG16_NOTOP)), marks=needs_shared(VGG16_NOTOP), id="vgg16"),
+    pytest.param(dict(backbone="efficientnet_lite0"), id="efficientnet_lite0"),
+])
+def test_the_heatmaps_maximum_falls_on_the_patch_that_decides_the_class(tmp_path, backbone):
+    side = 160  # small images keep the slow tier short; the square is 32 px
+    boxes = _patch_data(tmp_path, side)
+    clf = headstart.ImageClassifier(**backbone, input_size=side, head="avg", progress=False).fit(tmp_path)
+    assert clf.score(tmp_path / "test") >= 0.9  # it learned the square, so its heatmap can show it
+    hits = _hits(clf, boxes, side)
+    if hits < 0.9:
+        pytest.xfail(f"the heatmap's maximum fell in the square for {hits:.0%} of the held-out images (target 90%; "
+                     "docs/explain.md: do the heatmaps point at the evidence?)")

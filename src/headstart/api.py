@@ -63,7 +63,8 @@ class ImageClassifier:
                  dropout: float = 0.0, epochs: int = 60, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 5.0, patience: int = 10, class_weight: str | None = None,
                  label_smoothing: float = 0.0, seed: int = 0, cache: bool | str | Path = True,
-                 val_fraction: float = 0.2, exclude: str | Path | None = None, progress: bool | None = None, strategy: str = "frozen",
+                 val_fraction: float = 0.2, exclude: str | Path | None = None, progress: bool | None = None,
+                 strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
                  finetune_epochs: int = 15, finetune_lr: float = 1e-4, tta: bool = False, engine: str = "auto",
                  device: str = "auto"):
