@@ -168,9 +168,9 @@ def _hits(clf, boxes, side) -> float:
     return hits / len(boxes)
 
 
-# Measured (docs/explain.md): both backbones classify every held-out image right, but the maximum lands in the
-# square for 0-58% of them: the last feature map's cells are as large as the square (EfficientNet 32 px at
-# 160) or the map peaks on the square's edges (VGG), so the maximum sits a cell beside it. Kept as an
+# Measured (docs/explain.md): both backbones classify the held-out images right, but the maximum lands in the
+# square for 0-38% of them at 160 px: the last feature map's cells are as large as the square (EfficientNet:
+# 32 px) or the map peaks on the square's edges (VGG), so the maximum sits a cell beside it. Kept as an
 # expected failure that reports the share it measured; a model that stops learning the square still fails.
 
 
