@@ -175,9 +175,10 @@ def _cmd_train(args) -> None:
     # before the model libraries load: a wrong --out or data layout fails at once
     check_output_folder(args.out)
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
+    clf = _classifier_from_args(args)  # checks every setting before the data is read
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
-    clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if clf.rank_ == 0:  # under torchrun, the other ranks only helped
         clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
         _print_train_report(clf, args.out)
@@ -507,7 +508,7 @@ def error_message(exc: BaseException) -> str:
     elif isinstance(exc, MemoryError):
         text = "out of memory; use a smaller --batch-size or --input-size, or fewer images at once"
     else:
-        text = f"{type(exc).__name__}: {exc}"
+        text = f"unexpected {type(exc).__name__}: {str(exc)[:300]}; run with --debug for the traceback"
     return "error: " + " ".join(text.split())  # one line, whatever the message held
 
 
@@ -539,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; features computed so far stay in the cache and a re-run reuses them", file=sys.stderr)
         return 130
     except (HeadstartError, OSError, MemoryError) as exc:
+        if args.debug:
+            raise
+        print(error_message(exc), file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or a case no check foresaw: still one line, the traceback on request
         if args.debug:
             raise
         print(error_message(exc), file=sys.stderr)

@@ -1,0 +1,166 @@
+"""Issue 19, a run you can trust: every failure is one line, numbers are checked where they enter, CSV labels
+are read as written, a run is one consistent thing, and the output's disk is measured before training."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import headstart
+from conftest import FAST, FAST_CLI, make_folder, make_image
+from headstart.cli import main
+
+SAVED = FAST | dict(epochs=3, patience=3, cache=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    data = make_folder(root / "d", per_class=3, val_per_class=1)
+    run = headstart.ImageClassifier(**SAVED).fit(data).save(root / "run")
+    return root, data, run
+
+
+def rewrite_config(run: Path, change) -> None:
+    """Edit a run's config the way a careful forger would: config.json and the copy inside the weights alike."""
+    cfg = json.loads((run / "config.json").read_text())
+    change(cfg)
+    text = json.dumps(cfg)
+    (run / "config.json").write_text(text)
+    state = load_file(str(run / "model.safetensors"))
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta = dict(f.metadata() or {})
+    save_file(state, str(run / "model.safetensors"), metadata=meta | {"config": text})
+
+
+def _set(path: str, value):
+    def change(cfg):
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return change
+
+
+_DELETE = object()
+
+
+def _nested(depth: int):
+    v = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def _raw_config(text: str):
+    """config.json replaced by raw text (no valid JSON writer makes 1e400 or 100k nested lists)."""
+    def write(run: Path):
+        (run / "config.json").write_text(text)
+    return write
+
+
+# (case, how the run is damaged, extra CLI arguments after the run, where the argv starts) -> one line, exit 1
+RUN_CASES = {
+    "crop_pct 0": _set("data_config.crop_pct", 0),
+    "crop_pct -1": _set("data_config.crop_pct", -1),
+    "crop_pct NaN": _set("data_config.crop_pct", float("nan")),
+    "crop_pct a string": _set("data_config.crop_pct", "0.9"),
+    "mean NaN": _set("data_config.mean", [float("nan"), 0.5, 0.5]),
+    "std inf": _set("data_config.std", [float("inf"), 0.5, 0.5]),
+    "input size 20000": _set("data_config.input_size", [20000, 20000]),
+    "input size a string": _set("data_config.input_size", "224"),
+    "classes a bare string": _set("classes", "blue"),
+    "classes duplicated": _set("classes", ["blue", "blue"]),
+    "classes not strings": _set("classes", [1, 2]),
+    "classes empty name": _set("classes", ["", "red"]),
+    "no backbone name": _set("backbone.name", _DELETE),
+    "backbone name a list": _set("backbone.name", ["test_tiny"]),
+}
+RAW_CASES = {
+    "1e400 in config.json": lambda cfg: re.sub(r'"crop_pct": [0-9.]+', '"crop_pct": 1e400', json.dumps(cfg)),
+    "deeply nested config.json": lambda cfg: json.dumps(cfg)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CASES))
+def test_a_damaged_run_config_is_one_line(case, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rewrite_config(copy, RUN_CASES[case])
+    img = make_image(tmp_path / "x.png", (40, 60, 200))
+    assert main(["predict", str(copy), str(img)]) == 1
+    _one_line(capsys)
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_unparseable_config_json_is_one_line(case, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(RAW_CASES[case](cfg))
+    img = make_image(tmp_path / "x.png", (40, 60, 200))
+    assert main(["predict", str(copy), str(img)]) == 1
+    _one_line(capsys)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "nan"], ["--lr", "inf"], ["--weight-decay", "nan"], ["--label-smoothing", "2"],
+    ["--hidden", "1000000000"], ["--input-size", "20000"], ["--dropout", "nan"], ["--val-fraction", "nan"],
+    ["--val-fraction", "1.5"], ["--patience", "-1"], ["--batch-size", "0"],
+], ids=" ".join)
+def test_absurd_training_flags_are_one_line_before_any_work(flags, image_folder, tmp_path, capsys):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, *flags]) == 1
+    _one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_latin1_csv_is_one_line(tmp_path, capsys):
+    for i, label in enumerate(["caf\xe9", "th\xe9"] * 2):
+        make_image(tmp_path / f"{i}.png", (40, 60, 200 - 30 * i))
+    (tmp_path / "data.csv").write_bytes("path,label\n".encode() + "".join(
+        f"{i}.png,{label}\n" for i, label in enumerate(["caf\xe9", "th\xe9"] * 2)).encode("latin-1"))
+    assert main(["train", str(tmp_path / "data.csv"), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    assert "UTF-8" in _one_line(capsys)
+
+
+def test_a_nul_in_a_path_is_one_line(trained, capsys):
+    root, data, run = trained
+    assert main(["predict", str(run), "bad\x00name.png"]) == 1
+    _one_line(capsys)
+
+
+def test_evaluate_with_no_readable_image_is_one_line(trained, tmp_path, capsys):
+    root, data, run = trained
+    for c in ("blue", "red"):
+        (tmp_path / "ev" / c).mkdir(parents=True)
+        (tmp_path / "ev" / c / "x.png").write_bytes(b"not a png")
+    assert main(["evaluate", str(run), str(tmp_path / "ev")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # each skipped file is reported, then the one error
+    assert lines[-1].startswith("error: ") and all(line.startswith("skipped ") for line in lines[:-1]), lines
+
+
+def test_an_unexpected_exception_is_one_line_with_the_debug_hint(image_folder, tmp_path, capsys, monkeypatch):
+    def broken(self, *a, **k):
+        raise ZeroDivisionError("division by zero")
+    monkeypatch.setattr(headstart.api.ImageClassifier, "fit", broken)
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "ZeroDivisionError" in err and "run with --debug for the traceback" in err
