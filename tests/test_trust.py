@@ -164,3 +164,64 @@ def test_an_unexpected_exception_is_one_line_with_the_debug_hint(image_folder, t
     assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
     err = _one_line(capsys)
     assert "ZeroDivisionError" in err and "run with --debug for the traceback" in err
+
+
+# -- CSV labels are read as written -------------------------------------------------------------------------
+def _csv(tmp_path: Path, text: str, *, bom: bool = False, n: int = 4) -> Path:
+    for i in range(n):
+        make_image(tmp_path / f"{i}.png", (40 + 40 * i, 60, 200 - 40 * i))
+    path = tmp_path / "data.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def _read(path):
+    from headstart.data.datasets import read_csv
+    return read_csv(path)
+
+
+def test_a_bom_before_the_header_is_not_a_class(tmp_path):
+    ds = _read(_csv(tmp_path, "path,label\n0.png,ants\n1.png,bees\n2.png,ants\n3.png,bees\n", bom=True))
+    assert ds.classes == ["ants", "bees"]
+
+
+@pytest.mark.parametrize("header,row", [("filepath,class", "{p},{l}"), ("label,path", "{l},{p}"),
+                                        ("category,image,notes", "{l},{p},x"), ("file,label", "{p},{l}")])
+def test_header_names_are_recognised_in_any_order(tmp_path, header, row):
+    rows = "".join(row.format(p=f"{i}.png", l=("ants", "bees")[i % 2]) + "\n" for i in range(4))
+    ds = _read(_csv(tmp_path, header + "\n" + rows))
+    assert ds.classes == ["ants", "bees"]
+    assert [(Path(p).name, y) for p, y in ds.samples] == [(f"{i}.png", i % 2) for i in range(4)]
+
+
+def test_an_unknown_header_is_refused_and_shown(tmp_path, capsys):
+    path = _csv(tmp_path, "picture,kind\n0.png,ants\n1.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    assert "['picture', 'kind']" in _one_line(capsys)
+
+
+def test_an_empty_label_is_refused_with_the_row_number(tmp_path, capsys):
+    path = _csv(tmp_path, "path,label\n0.png,ants\n1.png,bees\n2.png,\n3.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "line 4" in err and "'2.png'" in err and "empty" in err
+
+
+def test_labels_are_normalised_and_case_clashes_refused(tmp_path, capsys):
+    decomposed = "cafe\u0301"  # é as e + combining accent: looks like the composed "café"
+    ds = _read(_csv(tmp_path, f"path,label\n0.png,caf\u00e9\n1.png, bees \n2.png,{decomposed}\n3.png,bees\n"))
+    assert ds.classes == ["bees", "caf\u00e9"]
+    path = _csv(tmp_path, "path,label\n0.png,ANTS\n1.png,bees\n2.png,ants\n3.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "'ANTS'" in err and "'ants'" in err and "differ only in case" in err
+
+
+def test_class_folders_are_normalised_like_csv_labels(tmp_path):
+    from headstart.data.datasets import scan_folder
+    for i, name in enumerate(["cafe\u0301", "bees "]):
+        make_image(tmp_path / name / "a.png", (40, 60, 200 - 100 * i))
+    assert scan_folder(tmp_path).classes == ["bees", "caf\u00e9"]
+    make_image(tmp_path / "Bees" / "a.png", (40, 60, 200))
+    with pytest.raises(headstart.errors.DatasetError, match="differ only in case"):
+        scan_folder(tmp_path)
