@@ -225,3 +225,58 @@ def test_class_folders_are_normalised_like_csv_labels(tmp_path):
     make_image(tmp_path / "Bees" / "a.png", (40, 60, 200))
     with pytest.raises(headstart.errors.DatasetError, match="differ only in case"):
         scan_folder(tmp_path)
+
+
+# -- numbers checked where they enter ---------------------------------------------------------------------
+def test_a_diverging_training_stops_at_once_naming_the_learning_rate(image_folder, tmp_path, capsys):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--lr", "1e30",
+                 "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "loss became nan" in err and "learning rate" in err and "--lr" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["nan", "inf"])
+def test_weights_with_non_finite_values_are_refused(where, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    with safe_open(str(copy / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    bias = next(k for k in state if k.endswith("predictions.bias"))
+    state[bias][0] = float(where)
+    save_file(state, str(copy / "model.safetensors"), metadata=meta)
+    assert main(["predict", str(copy), str(make_image(tmp_path / "x.png", (40, 60, 200)))]) == 1
+    assert "NaN or infinite" in _one_line(capsys)
+
+
+def test_json_output_is_strict_json(trained, tmp_path, capsys):
+    root, data, run = trained
+    only_blue = tmp_path / "ev"
+    for i in range(2):
+        make_image(only_blue / "blue" / f"{i}.png", (40, 60, 200), seed=i)
+    assert main(["evaluate", str(run), str(only_blue), "--format", "json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in JSON output")
+    json.loads(out, parse_constant=refuse)
+
+
+def test_written_json_turns_undefined_metrics_into_null(tmp_path):
+    from headstart.io import write_json
+    write_json(tmp_path / "m.json", {"recall": float("nan"), "rows": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"recall": None, "rows": [1.0, None]}
+
+
+def test_config_edited_away_from_the_weights_copy_is_refused_naming_both(trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["classes"] = cfg["classes"][::-1]  # swapped: every prediction would flip
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["predict", str(copy), str(make_image(tmp_path / "x.png", (40, 60, 200)))]) == 1
+    err = _one_line(capsys)
+    assert "['red', 'blue']" in err and "['blue', 'red']" in err

@@ -24,6 +24,7 @@ from .argparsing import Parser
 from .config import (BackboneConfig, EngineConfig, HeadConfig, Recipe, ServeConfig, ShardConfig, SplitConfig, TrainConfig,
                      cli_fields)
 from .errors import DatasetError, HeadstartError
+from .io import finite_json
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
 
@@ -268,7 +269,7 @@ def _cmd_evaluate(args) -> None:
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(data)
-    print(json.dumps(m, indent=2) if args.format == "json" else format_metrics(m))
+    print(json.dumps(finite_json(m), indent=2, allow_nan=False) if args.format == "json" else format_metrics(m))
 
 
 def _positive_int(text: str) -> int:
@@ -296,7 +297,7 @@ def _cmd_predict(args) -> None:
     clf.engine, clf.device = args.engine, args.device
     rows = clf.predictor().predict_images(images, top_k=args.top_k)
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(finite_json(rows), indent=2, allow_nan=False))
     elif args.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
