@@ -119,6 +119,10 @@ class OnnxModel:
                 raise ConfigError("backbone and head must be objects")
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise RunFormatError(f"the metadata in {str(self.path)!r} is damaged ({exc}); export the run again") from exc
+        inputs = self.session.get_inputs()[0].shape
+        if len(inputs) != 4 or any(isinstance(g, int) and g != m for g, m in zip(inputs[2:], self.data_config.input_size)):
+            raise RunFormatError(f"{str(self.path)!r} asks for input size {self.data_config.input_size} in its metadata "
+                                 f"but its graph takes {inputs}; export the run again")
         outputs = self.session.get_outputs()[0].shape
         if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(self.classes)):
             raise RunFormatError(f"{str(self.path)!r} names {len(self.classes)} classes in its metadata but its "
