@@ -25,15 +25,16 @@ from test_trust import rewrite_config
 SECONDS_PER_CASE = 20  # the slowest legal case (a 4096 px input) takes a few seconds on a loaded 2-core machine
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
-                    st.sampled_from([0, 1, -1, 0.5, 1e-12, 1e308]))
+                    st.sampled_from([0, 1, -1, 0.5, 1e-12, 1e308, math.nan, math.inf, -math.inf]))
 anything = st.one_of(numbers, st.none(), st.booleans(), st.text(max_size=5), st.lists(numbers, max_size=4),
                      st.dictionaries(st.text(max_size=3), numbers, max_size=2))
 sides = st.one_of(st.integers(-2, 40), st.sampled_from([64, 4096, 4097, 20000]), anything)
+near = st.sampled_from([0.5, 0.25, 1.0, 0, -1, 1e-12, 1e308, math.nan, math.inf, -math.inf, "0.5", None])
 FIELDS = {
-    "input_size": st.one_of(st.lists(sides, min_size=0, max_size=3), anything),
-    "mean": st.one_of(st.lists(numbers, min_size=2, max_size=4), anything),
-    "std": st.one_of(st.lists(numbers, min_size=2, max_size=4), anything),
-    "crop_pct": numbers | anything,
+    "input_size": st.one_of(st.lists(sides, min_size=2, max_size=2), st.lists(sides, max_size=3), anything),
+    "mean": st.one_of(st.lists(near, min_size=3, max_size=3), st.lists(numbers, min_size=3, max_size=3), st.lists(numbers, max_size=4), anything),
+    "std": st.one_of(st.lists(near, min_size=3, max_size=3), st.lists(numbers, min_size=3, max_size=3), st.lists(numbers, max_size=4), anything),
+    "crop_pct": near | numbers | anything,
     "interpolation": st.sampled_from(["nearest", "bilinear", "bicubic", "lanczos", ""]) | anything,
     "resize_mode": st.sampled_from(["squash", "crop", "pad"]) | anything,
     "classes": st.one_of(st.lists(st.text(max_size=4), max_size=3), anything),
