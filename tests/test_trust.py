@@ -280,3 +280,15 @@ def test_config_edited_away_from_the_weights_copy_is_refused_naming_both(trained
     assert main(["predict", str(copy), str(make_image(tmp_path / "x.png", (40, 60, 200)))]) == 1
     err = _one_line(capsys)
     assert "['red', 'blue']" in err and "['blue', 'red']" in err
+
+
+# -- the output's disk is measured before training ------------------------------------------------------------
+def test_a_full_disk_for_the_run_fails_before_extraction(image_folder, tmp_path, capsys, monkeypatch):
+    from conftest import refusing_reads
+    import shutil as sh
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 100_000, 100_000))
+    with refusing_reads(image_folder):
+        assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "needs about" in err and "MB free" in err and "another --out" in err
+    assert not (tmp_path / "run").exists()

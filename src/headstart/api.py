@@ -30,7 +30,7 @@ from .hardware import Hardware, default_threads
 from .heads import Head
 from .model import ImageModel
 from .predict import Predictor
-from .runfolder import check_new_run, remove_checkpoints
+from .runfolder import check_new_run, check_run_room, remove_checkpoints
 from .runs import RunReport, load_model, save_model, write_history, write_json
 from .training.recipes import TrainResult, feature_pool, train_recipe
 
@@ -155,6 +155,9 @@ class ImageClassifier:
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
             _check_cache_room(cache, configs["recipe"], backbone, head, splits)
+        if out is not None and dist.primary:  # a full disk is found now, not when the trained model is saved
+            check_run_room(out, _nbytes(backbone) + _nbytes(head),
+                           3 * (_nbytes(head) + (_nbytes(backbone) if configs["recipe"].strategy == "finetune" else 0)))
         result = train_recipe(configs["recipe"], backbone, splits, head, configs["train"], cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
                               progress=self.progress if dist.primary else False, engine=self.engine,
@@ -318,6 +321,10 @@ class ImageClassifier:
         clf.model_, clf.classes_ = model, list(model.classes)
         clf.config_ = config
         return clf
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def load(run: str | Path) -> ImageClassifier:

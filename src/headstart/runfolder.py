@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import StorageError
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CHECKPOINTS", "RUN_FILES", "check_output_folder", "run_files",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CHECKPOINTS", "RUN_FILES", "check_output_folder", "check_run_room", "run_files",
            "run_classes", "check_new_run", "remove_checkpoints"]
 
 CONFIG_FILE = "config.json"
@@ -47,6 +47,27 @@ def check_output_folder(out: str | Path) -> None:
         raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is not writable "
                            f"({type(exc).__name__}: {exc.strerror or exc}). Choose another --out or fix its "
                            "permissions.") from exc
+
+
+REPORTS_BYTES = 4 * 2**20  # config, metrics, history, data.json: generous for tens of thousands of files
+
+
+def check_run_room(out: str | Path, weights_bytes: int, checkpoint_bytes: int) -> None:
+    """Fail before training when the disk that will hold ``out`` lacks room for the run: the weights (twice
+    while a re-save replaces them), the checkpoints written as training runs, and the reports.
+
+    Raises:
+        StorageError: the free space of ``out``'s file system is below that estimate.
+    """
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    need = 2 * weights_bytes + checkpoint_bytes + REPORTS_BYTES
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise StorageError(f"The run in {str(out)!r} needs about {need / 2**20:.0f} MB (weights, checkpoints and "
+                           f"reports) but its disk has {free / 2**20:.0f} MB free; free some space or choose "
+                           "another --out")
 
 
 def run_files(out: str | Path) -> list[str]:
