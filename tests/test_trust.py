@@ -292,3 +292,39 @@ def test_a_full_disk_for_the_run_fails_before_extraction(image_folder, tmp_path,
     err = _one_line(capsys)
     assert "needs about" in err and "MB free" in err and "another --out" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- a run is one consistent thing ----------------------------------------------------------------------------
+def test_resume_refuses_checkpoints_of_other_labels(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), *FAST_CLI, "--keep-checkpoints", "--no-cache"]) == 0
+    for split in ("train", "val"):  # the same images, labels swapped
+        (data / split / "blue").rename(data / split / "tmp")
+        (data / split / "red").rename(data / split / "blue")
+        (data / split / "tmp").rename(data / split / "red")
+    capsys.readouterr()
+    assert main(["train", str(data), "--out", str(out), *FAST_CLI, "--resume", "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "belong to another run" in err and "data" in err and "--overwrite" in err
+
+
+def test_a_second_writer_to_one_out_is_refused(image_folder, tmp_path, capsys):
+    from conftest import refusing_reads
+    from headstart.runfolder import run_lock
+    out = tmp_path / "run"
+    with run_lock(out), refusing_reads(image_folder):
+        assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache"]) == 1
+    assert "another headstart is writing" in _one_line(capsys)
+    assert not out.exists()
+    assert not (tmp_path / ".run.lock").exists()  # the lock file goes with its holder
+
+
+def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_start(image_folder, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    left = [out / ".model.safetensors.4242-1.tmp", out / "checkpoints" / ".head.safetensors.4242-1.tmp"]
+    for f in left:
+        f.write_bytes(b"\0" * 1000)
+    assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--overwrite"]) == 0
+    assert not any(f.exists() for f in left)

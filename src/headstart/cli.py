@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -171,7 +172,7 @@ def _classifier_from_args(args):
 
 def _cmd_train(args) -> None:
     from .data.datasets import load_splits
-    from .runfolder import check_new_run, check_output_folder
+    from .runfolder import check_new_run, check_output_folder, run_lock
 
     # before the model libraries load: a wrong --out or data layout fails at once
     check_output_folder(args.out)
@@ -179,10 +180,17 @@ def _cmd_train(args) -> None:
     clf = _classifier_from_args(args)  # checks every setting before the data is read
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
-    clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
-    if clf.rank_ == 0:  # under torchrun, the other ranks only helped
-        clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
+    with run_lock(args.out) if _primary() else contextlib.nullcontext():
+        clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
+        if clf.rank_ == 0:  # under torchrun, the other ranks only helped
+            clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
+    if clf.rank_ == 0:
         _print_train_report(clf, args.out)
+
+
+def _primary() -> bool:
+    """Whether this process writes the run (not a helper rank under torchrun); read before torch loads."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _describe_splits(splits) -> str:
