@@ -328,3 +328,28 @@ def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_start(image_folder,
         f.write_bytes(b"\0" * 1000)
     assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--overwrite"]) == 0
     assert not any(f.exists() for f in left)
+
+
+# -- the pixel budget ----------------------------------------------------------------------------------------
+def _header_png(path: Path, w: int, h: int) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_budget_is_skipped_with_the_reason(tmp_path):
+    from headstart.data import load_image
+    from headstart.errors import ImageReadError
+    big = _header_png(tmp_path / "big.png", 8000, 6000)  # 48 MP: under Pillow's bomb limit, over headstart's
+    with pytest.raises(ImageReadError, match=r"8000x6000 pixels \(48 MP\); expected at most 40 MP"):
+        load_image(big)
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    shutil.copy(big, data / "train" / "blue" / "big.png")
+    clf = headstart.ImageClassifier(**SAVED).fit(data)
+    assert any("big.png" in str(s) and "40 MP" in str(s) for s in clf.report_.skipped_unreadable)
