@@ -353,3 +353,29 @@ def test_an_image_over_the_pixel_budget_is_skipped_with_the_reason(tmp_path):
     shutil.copy(big, data / "train" / "blue" / "big.png")
     clf = headstart.ImageClassifier(**SAVED).fit(data)
     assert any("big.png" in str(s) and "40 MP" in str(s) for s in clf.report_.skipped_unreadable)
+
+
+# -- the ONNX engine cache is verified ------------------------------------------------------------------------
+def test_a_damaged_graph_in_the_onnx_cache_is_exported_again(tmp_path):
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from headstart.backbones.base import create_backbone
+    from headstart.engines import make_runner
+    from headstart.features import FeatureCache
+
+    bb = create_backbone("test_tiny").eval()
+    cache = FeatureCache(tmp_path / "c" / "features")
+    make_runner(bb, "onnx", cache=cache)
+    graph = next((tmp_path / "c" / "onnx").glob("*.onnx"))
+    model = onnx.load(str(graph))  # one tensor flipped: still a valid graph, now a wrong one
+    t = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+    onnx.save(model, str(graph))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        reference = bb.body(x)
+    out = make_runner(bb, "onnx", cache=cache)(x)
+    assert (out - reference).abs().max().item() <= 1e-4 * reference.abs().max().item() + 1e-6
