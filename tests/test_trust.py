@@ -9,11 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import headstart
-from conftest import FAST, FAST_CLI, make_folder, make_image
+from conftest import FAST, FAST_CLI, HYMENOPTERA, make_folder, make_image, needs_shared
 from headstart.cli import main
 
 SAVED = FAST | dict(epochs=3, patience=3, cache=False)
@@ -379,3 +380,57 @@ def test_a_damaged_graph_in_the_onnx_cache_is_exported_again(tmp_path):
         reference = bb.body(x)
     out = make_runner(bb, "onnx", cache=cache)(x)
     assert (out - reference).abs().max().item() <= 1e-4 * reference.abs().max().item() + 1e-6
+
+
+# -- the race: photos changing while train reads them ----------------------------------------------------------
+RACE_RUNS = 20
+
+
+@pytest.mark.slow
+@needs_shared(HYMENOPTERA)
+def test_photos_swapped_while_training_never_poison_the_cache(tmp_path):
+    """A thread swaps two photos' contents in place (as a sync client or an editor would) while ``fit`` reads
+    them; afterwards every cache entry of either content must hold that content's own features."""
+    import threading
+
+    from headstart.backbones.base import create_backbone
+    from headstart.features import FeatureCache, extract_features
+
+    photos = {c: sorted((HYMENOPTERA / "train" / c).glob("*.jpg"))[:10] for c in ("ants", "bees")}
+    data = tmp_path / "d"
+    for split, part in (("train", slice(0, 8)), ("val", slice(8, 10))):
+        for c, files in photos.items():
+            (data / split / c).mkdir(parents=True)
+            for f in files[part]:
+                shutil.copy(f, data / split / c / f.name)
+    a, b = data / "train" / "ants" / photos["ants"][0].name, data / "train" / "bees" / photos["bees"][0].name
+    contents = (a.read_bytes(), b.read_bytes())
+    bb = create_backbone("test_tiny").freeze().eval()
+    pool = "avg" if bb.entry.default_head == "avg" else None
+    checked = poisoned = 0
+    for run in range(RACE_RUNS):
+        cache = FeatureCache(tmp_path / f"cache{run}")
+        stop = threading.Event()
+
+        def swap():
+            flip = False
+            while not stop.is_set():
+                for path, content in zip((a, b), contents[::-1] if flip else contents):
+                    with open(path, "r+b") as f:  # in place, not renamed in: a reader may see any mix
+                        f.truncate(0)
+                        f.write(content)
+                flip = not flip
+        swapper = threading.Thread(target=swap, daemon=True)
+        swapper.start()
+        try:
+            headstart.ImageClassifier(**(FAST | dict(epochs=2, patience=2, seed=run)), cache=cache.root).fit(data)
+        finally:
+            stop.set()
+            swapper.join()
+        for content in contents:
+            served = extract_features(bb, [content], cache=cache, pool=pool, progress=False)
+            fresh = extract_features(bb, [content], cache=None, pool=pool, progress=False)
+            if served.cached:
+                checked += 1
+                poisoned += not torch.allclose(served.features, fresh.features, atol=1e-5)
+    assert checked > 0 and poisoned == 0, f"{poisoned} of {checked} entries hold another content's features"
