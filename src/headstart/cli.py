@@ -177,15 +177,25 @@ def _cmd_train(args) -> None:
     # before the model libraries load: a wrong --out or data layout fails at once
     check_output_folder(args.out)
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
-    clf = _classifier_from_args(args)  # checks every setting before the data is read
+    _check_settings(args)  # every setting, before the data is read (and before torch loads)
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
+    clf = _classifier_from_args(args)
     with run_lock(args.out) if _primary() else contextlib.nullcontext():
         clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
         if clf.rank_ == 0:  # under torchrun, the other ranks only helped
             clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
     if clf.rank_ == 0:
         _print_train_report(clf, args.out)
+
+
+def _check_settings(args) -> None:
+    """Build each training config from the flags: their checks run here, with no model library loaded."""
+    for cls in TRAIN_CONFIGS:
+        values = {f.name: getattr(args, f.metadata["dest"] or f.name) for f in cli_fields(cls)}
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        cls(**values)
 
 
 def _primary() -> bool:

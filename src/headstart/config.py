@@ -289,7 +289,7 @@ class SplitConfig:
                                  type=float)
 
     def __post_init__(self):
-        _finite("val_fraction (--val-fraction)", self.val_fraction, 0.0, lo_open=True)
+        _finite("val_fraction (--val-fraction)", self.val_fraction, 0.0)
         if not self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1 (a share of each class), got "
                               f"{self.val_fraction} (--val-fraction)")

@@ -81,6 +81,8 @@ def read_source(src: ImageSource, max_bytes: int = MAX_FILE_BYTES) -> bytes | Im
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
+    if "\x00" in str(path):
+        raise ImageReadError(repr(str(path)), "holds a NUL character; no file has such a name: check the path")
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
