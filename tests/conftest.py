@@ -24,8 +24,10 @@ VGG16_NOTOP = SHARED / "weights" / "vgg16_imagenet_notop.safetensors"
 # fixed seeded draw available offline), so every process builds the same backbone and can share a cache.
 # Enough epochs that a head on its features separates the generated colour classes.
 # The head as given (no search): these tests are about the epoch loop; tests/test_select.py covers the search.
-FAST = dict(backbone="test_tiny", epochs=30, patience=30, head_search="off")
-FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5", "--head-search", "off"]
+# the fast tier's runs train the head as given and fine-tune at a fixed rate: the head search and the learning-rate
+# range test have their own tests (test_select, test_lr_find) and would cost every other test seconds
+FAST = dict(backbone="test_tiny", epochs=30, patience=30, head_search="off", finetune_lr=1e-4)
+FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5", "--head-search", "off", "--finetune-lr", "1e-4"]
 
 
 def fuzz_examples(fast_tier: int) -> int:

@@ -44,8 +44,9 @@ def test_lr_find_command_prints_a_suggestion_and_writes_the_plot(tmp_path, capsy
 
 def test_finetune_uses_the_range_test_unless_a_rate_is_given(tmp_path):
     data = make_folder(tmp_path / "data", per_class=6, val_per_class=2)
-    settings = FAST | {"epochs": 3, "strategy": "finetune", "finetune_epochs": 1, "views": 1, "progress": False}
+    settings = FAST | {"epochs": 3, "strategy": "finetune", "finetune_epochs": 1, "views": 1, "progress": False,
+                       "finetune_lr": None}
     found = headstart.ImageClassifier(**settings).fit(data / "train", val=data / "val").report_.lr_find
     assert found is not None and math.isfinite(found["used"]) and found["used"] > 0
-    given = headstart.ImageClassifier(**settings, finetune_lr=3e-4).fit(data / "train", val=data / "val")
+    given = headstart.ImageClassifier(**settings | {"finetune_lr": 3e-4}).fit(data / "train", val=data / "val")
     assert given.report_.lr_find is None

@@ -57,7 +57,7 @@ def test_altered_run_weights_are_refused(image_folder, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["backbone"]["weights_digest"] = "0" * 16
     (run / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RunFormatError, match="not those its config records"):
+    with pytest.raises(RunFormatError, match="config.json is a readable copy and was edited"):
         headstart.load(run)
     cfg["format_version"] = 99
     (run / "config.json").write_text(json.dumps(cfg))

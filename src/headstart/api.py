@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from .heads import Head
 from .label_errors import find_label_errors
 from .model import ImageModel
 from .predict import Predictor
-from .runfolder import check_new_run, remove_checkpoints
+from .runfolder import bind_checkpoints, check_new_run, check_run_room, remove_checkpoints
 from .runs import RunReport, load_model, save_model, write_history, write_json
 from .training.recipes import TrainResult, feature_pool, find_lr, train_recipe
 
@@ -163,6 +165,11 @@ class ImageClassifier:
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
             _check_cache_room(cache, configs["recipe"], backbone, head, splits)
+        if out is not None and dist.primary:  # a full disk is found now, not when the trained model is saved
+            check_run_room(out, _nbytes(backbone) + _nbytes(head),
+                           3 * (_nbytes(head) + (_nbytes(backbone) if configs["recipe"].strategy == "finetune" else 0)))
+        if out is not None and dist.primary:
+            bind_checkpoints(out, _resume_key(splits, backbone, head, configs), resume)
         result = train_recipe(configs["recipe"], backbone, splits, head, configs["train"], cache,
                               checkpoint_dir=Path(out) / "checkpoints" if out else None, resume=resume,
                               progress=self.progress if dist.primary else False, engine=self.engine,
@@ -380,6 +387,24 @@ class ImageClassifier:
         clf.model_, clf.classes_ = model, list(model.classes)
         clf.config_ = config
         return clf
+
+
+def _resume_key(splits: Splits, backbone, head, configs: dict) -> dict:
+    """What checkpoints belong to: a resumed run must have the same data (files and labels), classes, backbone,
+    head and recipe; only the epoch limits may change."""
+    def files(ds):
+        if ds is None:
+            return None
+        rows = json.dumps([[str(p), int(y)] for p, y in ds.samples])
+        return hashlib.sha256(rows.encode()).hexdigest()[:16]
+    train = {k: v for k, v in configs["train"].to_dict().items() if k not in ("epochs", "patience")}
+    recipe = {k: v for k, v in configs["recipe"].to_dict().items() if k != "finetune_epochs"}
+    return {"data": {"train": files(splits.train), "val": files(splits.val)}, "classes": list(splits.train.classes),
+            "backbone": backbone.identity(), "head": head.config.to_dict(), "recipe": recipe | {"train": train}}
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def load(run: str | Path) -> ImageClassifier:

@@ -16,6 +16,7 @@ import errno
 import io
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -25,6 +26,7 @@ from .argparsing import Parser
 from .config import (EXPLAIN_METHODS, AutoConfig, BackboneConfig, EngineConfig, HeadConfig, Recipe, ReportConfig,
                      ServeConfig, ShardConfig, SplitConfig, TrainConfig, cli_fields)
 from .errors import ConfigError, DatasetError, HeadstartError
+from .io import finite_json
 
 __all__ = ["main", "error_message", "build_parser", "TRAIN_CONFIGS"]
 
@@ -198,12 +200,13 @@ def _classifier_from_args(args):
 
 def _cmd_train(args) -> None:
     from .data.datasets import load_splits
-    from .runfolder import check_new_run, check_output_folder
+    from .runfolder import check_new_run, check_output_folder, run_lock
 
     # before the model libraries load: a wrong --out, report setting or data layout fails at once
     check_output_folder(args.out)
     check_new_run(args.out, overwrite=args.overwrite, resume=args.resume)
     report = ReportConfig(skip=args.no_report, heatmaps=args.heatmaps)
+    _check_settings(args)  # every setting, before the data is read (and before torch loads)
     splits = load_splits(args.data, val=args.val, test=args.test, val_fraction=args.val_fraction, seed=args.seed)
     log.info("data: %s", _describe_splits(splits))
     if args.exclude:
@@ -212,13 +215,17 @@ def _cmd_train(args) -> None:
         read_path_list(args.exclude)  # an unreadable list fails now, not after the model libraries load
     auto = AutoConfig(args.auto, args.time_budget)
     if auto.auto:
-        clf = _auto_train(args, splits, auto)
+        with run_lock(args.out):
+            clf = _auto_train(args, splits, auto)
         if not report.skip:
             _write_run_report(clf, args.out, report)
         return
-    clf = _classifier_from_args(args).fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
-    if clf.rank_ == 0:  # under torchrun, the other ranks only helped
-        clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
+    clf = _classifier_from_args(args)
+    with run_lock(args.out) if _primary() else contextlib.nullcontext():
+        clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
+        if clf.rank_ == 0:  # under torchrun, the other ranks only helped
+            clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
+    if clf.rank_ == 0:
         _print_train_report(clf, args.out)
         if not report.skip:
             _write_run_report(clf, args.out, report)
@@ -265,6 +272,20 @@ def _auto_train(args, splits, auto) -> None:
         print("  " + line)
     _print_train_report(clf, args.out)
     return clf
+
+
+def _check_settings(args) -> None:
+    """Build each training config from the flags: their checks run here, with no model library loaded."""
+    for cls in TRAIN_CONFIGS:
+        values = {f.name: getattr(args, f.metadata["dest"] or f.name) for f in cli_fields(cls)}
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        cls(**values)
+
+
+def _primary() -> bool:
+    """Whether this process writes the run (not a helper rank under torchrun); read before torch loads."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _describe_splits(splits) -> str:
@@ -399,7 +420,7 @@ def _cmd_evaluate(args) -> None:
     if args.no_cache:
         clf.cache = False
     m = clf.evaluate(data)
-    print(json.dumps(m, indent=2) if args.format == "json" else format_metrics(m))
+    print(json.dumps(finite_json(m), indent=2, allow_nan=False) if args.format == "json" else format_metrics(m))
 
 
 def _positive_int(text: str) -> int:
@@ -427,7 +448,7 @@ def _cmd_predict(args) -> None:
     clf.engine, clf.device = args.engine, args.device
     rows = clf.predictor().predict_images(images, top_k=args.top_k)
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(finite_json(rows), indent=2, allow_nan=False))
     elif args.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -757,7 +778,7 @@ def error_message(exc: BaseException) -> str:
     elif isinstance(exc, MemoryError):
         text = "out of memory; use a smaller --batch-size or --input-size, or fewer images at once"
     else:
-        text = f"{type(exc).__name__}: {exc}"
+        text = f"unexpected {type(exc).__name__}: {str(exc)[:300]}; run with --debug for the traceback"
     return "error: " + " ".join(text.split())  # one line, whatever the message held
 
 
@@ -789,6 +810,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; features computed so far stay in the cache and a re-run reuses them", file=sys.stderr)
         return 130
     except (HeadstartError, OSError, MemoryError) as exc:
+        if args.debug:
+            raise
+        print(error_message(exc), file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or a case no check foresaw: still one line, the traceback on request
         if args.debug:
             raise
         print(error_message(exc), file=sys.stderr)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 __all__ = ["DataConfig", "HeadConfig", "TrainConfig", "Recipe", "EngineConfig", "SplitConfig", "BackboneConfig",
            "ServeConfig", "ShardConfig", "ReportConfig", "AutoConfig", "STRATEGIES", "HEAD_POOLS", "HEAD_SEARCHES",
            "AUGMENTS", "ENGINES", "DEVICES", "INTERPOLATIONS", "RESIZE_MODES", "EXPLAIN_METHODS",
-           "option", "cli_fields"]
+           "option", "cli_fields", "checked_classes", "MAX_SIDE"]
 
 STRATEGIES = ("frozen", "frozen-aug", "finetune")
 HEAD_POOLS = ("flatten", "avg")
@@ -53,6 +53,18 @@ def cli_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
 
 
+MAX_SIDE = 4096  # images are resized to the input size: past this, one batch alone would fill the memory
+
+
+def checked_classes(classes, where: str) -> list[str]:
+    """``classes`` as a list of unique, non-empty strings, else a ``ConfigError`` naming ``where`` they came from."""
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"{where}: classes must be a list of names, got {classes!r}")
+    if any(not c.strip() for c in classes) or len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ConfigError(f"{where}: classes must be two or more unique, non-empty names, got {list(classes)!r}")
+    return list(classes)
+
+
 def _finite(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
@@ -79,12 +91,26 @@ class DataConfig:
     crop_pct: float = 0.875
 
     def __post_init__(self):
+        size, mean, std = self.input_size, self.mean, self.std
+        if (not isinstance(size, tuple) or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in size)):
+            raise ConfigError(f"input_size must be two whole numbers from 1 to {MAX_SIDE} (height, width), got "
+                              f"{size!r}")
+        for name, values in (("mean", mean), ("std", std)):
+            if not isinstance(values, tuple) or len(values) != 3:
+                raise ConfigError(f"{name} needs three numbers (R, G, B), got {values!r}")
+            for v in values:
+                _finite(name, v, 0.0 if name == "std" else None, lo_open=True)
+            if name == "mean" and not all(-10 <= v <= 10 for v in values):
+                raise ConfigError(f"mean is for pixels scaled to 0..1, got {values!r}")
+        _finite("crop_pct", self.crop_pct, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.interpolation, str) or not isinstance(self.resize_mode, str):
+            raise ConfigError(f"interpolation and resize_mode must be names, got {self.interpolation!r} and "
+                              f"{self.resize_mode!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         if self.resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean and std need three values each, std > 0; got mean={self.mean} std={self.std}")
 
     def with_input_size(self, size: int | tuple[int, int] | None) -> "DataConfig":
         if size is None:
@@ -103,7 +129,7 @@ class DataConfig:
             raise ConfigError(f"unknown data config fields {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
         for key in ("input_size", "mean", "std"):
-            if key in d:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 
@@ -116,6 +142,15 @@ class BackboneConfig:
     weights: str | None = option("imagenet", "weights file (safetensors or a PyTorch state dict), or imagenet: from "
                                  "a package or the hub", metavar="FILE")
     input_size: int | None = option(None, "image side in pixels (default: the weights' own)", type=int)
+
+    def __post_init__(self):
+        size = self.input_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_SIDE):
+            raise ConfigError(f"input size must be a whole number of pixels from 1 to {MAX_SIDE}, got {size!r} "
+                              "(--input-size)")
+
+
+MAX_HIDDEN = 16384  # a Dense layer this wide on a 25088-wide VGG map is already 1.6 GB of weights
 
 
 @dataclass(frozen=True)
@@ -136,8 +171,9 @@ class HeadConfig:
         _finite("dropout", self.dropout, 0.0)
         if not self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if any(int(h) < 1 for h in self.hidden):
-            raise ConfigError(f"hidden layer widths must be positive, got {self.hidden}")
+        if not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= MAX_HIDDEN for h in self.hidden):
+            raise ConfigError(f"hidden layer widths must be whole numbers from 1 to {MAX_HIDDEN}, got "
+                              f"{self.hidden!r} (--hidden)")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def resolved(self, default_pool: str) -> "HeadConfig":
@@ -149,7 +185,10 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
-        return cls(pool=d["pool"], hidden=tuple(d.get("hidden", ())), dropout=float(d.get("dropout", 0.0)))
+        hidden = d.get("hidden", ())
+        if not isinstance(hidden, (list, tuple)):
+            raise ConfigError(f"head hidden widths must be a list, got {hidden!r}")
+        return cls(pool=d["pool"], hidden=tuple(hidden), dropout=d.get("dropout", 0.0))
 
 
 @dataclass(frozen=True)
@@ -180,9 +219,19 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.head_search not in HEAD_SEARCHES:
-            raise ConfigError(f"head_search must be one of {HEAD_SEARCHES}, got {self.head_search!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError(f"epochs and batch size must be >= 1 and lr > 0; got {self}")
+            raise ConfigError(f"head_search must be one of {HEAD_SEARCHES}, got {self.head_search!r} (--head-search)")
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r} (--{name.replace('_', '-')})")
+        _finite("lr (--lr)", self.lr, 0.0, lo_open=True)
+        _finite("weight_decay (--weight-decay)", self.weight_decay, 0.0)
+        _finite("label_smoothing (--label-smoothing)", self.label_smoothing, 0.0)
+        if not self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing} (--label-smoothing)")
+        _finite("warmup_epochs", self.warmup_epochs, 0.0)
+        if self.clip_grad is not None:
+            _finite("clip_grad", self.clip_grad, 0.0, lo_open=True)
         if self.class_weight not in (None, "balanced"):
             raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
 
@@ -223,8 +272,13 @@ class Recipe:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.views < 1:
             raise ConfigError(f"views must be >= 1, got {self.views}")
-        if self.finetune_lr is not None:
-            _finite("finetune_lr", self.finetune_lr, 0.0, lo_open=True)
+        if self.finetune_lr is not None:  # None: the learning-rate range test sets it
+            _finite("finetune_lr (--finetune-lr)", self.finetune_lr, 0.0, lo_open=True)
+        for name in ("lr_decay", "head_lr_factor"):
+            _finite(name, getattr(self, name), 0.0, lo_open=True)
+        _finite("finetune_weight_decay", self.finetune_weight_decay, 0.0)
+        if self.finetune_epochs < 1:
+            raise ConfigError(f"finetune_epochs must be >= 1, got {self.finetune_epochs} (--finetune-epochs)")
         if self.augmentation not in AUGMENTS:
             raise ConfigError(f"augmentation {self.augmentation!r} is not one of {sorted(AUGMENTS)}")
 
@@ -248,6 +302,12 @@ class SplitConfig:
     exclude: str | None = option(None, "a text file of image paths to leave out of training and validation (one "
                                  "per line, # comments; e.g. the label errors `headstart check` lists)",
                                  metavar="FILE")
+
+    def __post_init__(self):
+        _finite("val_fraction (--val-fraction)", self.val_fraction, 0.0)
+        if not self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be between 0 and 1 (a share of each class), got "
+                              f"{self.val_fraction} (--val-fraction)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ through ``runner=``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -269,11 +270,30 @@ def backbone_onnx_path(backbone, cache: FeatureCache | None = None) -> Path:
            "input_size": list(backbone.data_config.input_size), "torch": torch.__version__.split("+")[0],
            "export": _EXPORT_VERSION}
     path = _onnx_root(cache) / f"{FeatureCache.namespace(key)}.onnx"
-    if not path.exists():
-        log.info("exporting %s to ONNX (%s); once per backbone and weights", backbone.name, path)
-        example = torch.zeros(2, 3, *backbone.data_config.input_size)
-        export_onnx(backbone.body, example, path, metadata={"headstart_key": json.dumps(key, sort_keys=True)})
+    digest_path = path.with_suffix(".sha256")
+    if path.exists():
+        try:
+            recorded = digest_path.read_text(encoding="ascii").strip()
+        except OSError:
+            recorded = None
+        if recorded is not None and recorded == _file_digest(path):
+            return path
+        # a graph that is not the one exported (damaged on disk, or its digest lost) would give wrong
+        # features silently, and they would go into the feature cache: export it again
+        log.warning("the cached ONNX graph %s does not match its recorded digest; exporting it again", path)
+    log.info("exporting %s to ONNX (%s); once per backbone and weights", backbone.name, path)
+    example = torch.zeros(2, 3, *backbone.data_config.input_size)
+    export_onnx(backbone.body, example, path, metadata={"headstart_key": json.dumps(key, sort_keys=True)})
+    atomic_write(digest_path, lambda tmp: Path(tmp).write_text(_file_digest(path) + "\n", encoding="ascii"))
     return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def make_runner(backbone, engine: str = "auto", batch_size: int = 32, *, threads: int | None = None,

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "StorageError",
     "EngineError",
+    "TrainingError",
 ]
 
 
@@ -65,3 +66,7 @@ class StorageError(HeadstartError):
 
 class EngineError(HeadstartError):
     """An inference engine cannot run this backbone (not installed, or the export failed)."""
+
+
+class TrainingError(HeadstartError):
+    """Training cannot go on: the loss stopped being a finite number."""

@@ -21,10 +21,11 @@ from torch import nn
 
 from ._version import __version__
 from .cache import FeatureCache
-from .config import DataConfig
+from .config import DataConfig, checked_classes
 from .engines import OnnxRunner, export_onnx
 from .errors import ConfigError, EngineError, RunFormatError
 from .hardware import Hardware, default_threads
+from .io import read_json
 from .protocols import Runner
 
 __all__ = ["FORMAT", "export_onnx_model", "OnnxModel", "is_onnx_file"]
@@ -107,12 +108,25 @@ class OnnxModel:
             raise RunFormatError(f"{str(self.path)!r} is an ONNX file but not a headstart export (no "
                                  f"'format: {FORMAT}' metadata); export the run with `headstart export RUN`")
         try:
-            self.classes = list(json.loads(meta["classes"]))
-            self.data_config = DataConfig.from_dict(json.loads(meta["data_config"]))
-            self.backbone_identity = json.loads(meta.get("backbone", "{}"))
-            self.head_config = json.loads(meta.get("head", "{}"))
+            self.classes = checked_classes(read_json(meta["classes"]), "classes")
+            data_config = read_json(meta["data_config"])
+            if not isinstance(data_config, dict):
+                raise ConfigError(f"data_config must be an object, got {data_config!r}")
+            self.data_config = DataConfig.from_dict(data_config)
+            self.backbone_identity = read_json(meta.get("backbone", "{}"))
+            self.head_config = read_json(meta.get("head", "{}"))
+            if not isinstance(self.backbone_identity, dict) or not isinstance(self.head_config, dict):
+                raise ConfigError("backbone and head must be objects")
         except (KeyError, ValueError, TypeError, ConfigError) as exc:
             raise RunFormatError(f"the metadata in {str(self.path)!r} is damaged ({exc}); export the run again") from exc
+        inputs = self.session.get_inputs()[0].shape
+        if len(inputs) != 4 or any(isinstance(g, int) and g != m for g, m in zip(inputs[2:], self.data_config.input_size)):
+            raise RunFormatError(f"{str(self.path)!r} asks for input size {self.data_config.input_size} in its metadata "
+                                 f"but its graph takes {inputs}; export the run again")
+        outputs = self.session.get_outputs()[0].shape
+        if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(self.classes)):
+            raise RunFormatError(f"{str(self.path)!r} names {len(self.classes)} classes in its metadata but its "
+                                 f"graph gives outputs of shape {outputs}; export the run again")
         self.headstart_version = meta.get("headstart_version")
         self.engine = "onnx"
         self.name = f"onnx-model:{self.backbone_identity.get('name', 'unknown')}"

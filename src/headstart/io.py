@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_text", "FILE_MODE"]
+__all__ = ["atomic_write", "write_json", "write_text", "read_json", "finite_json", "FILE_MODE"]
 
 
 def _umask() -> int:
@@ -52,6 +53,39 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def finite_json(obj):
+    """``obj`` with every non-finite float (an undefined metric) turned into ``None``: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return finite_json(obj.item())
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    """``obj`` as indented JSON; values JSON lacks (paths, numpy scalars) are written as their text."""
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """``obj`` as indented, strict JSON: values JSON lacks (paths) are written as their text, NaN as null."""
+    write_text(path, json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def read_json(text: str):
+    """Strict JSON: NaN, Infinity and numbers past a float's range are refused, and so is nesting deeper than
+    Python's stack; each raises ``ValueError`` (``json.JSONDecodeError`` is one)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

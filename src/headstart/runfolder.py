@@ -8,6 +8,8 @@ model libraries load.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from .errors import StorageError
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CHECKPOINTS", "RUN_FILES", "check_output_folder", "run_files",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CHECKPOINTS", "RUN_FILES", "check_output_folder", "check_run_room", "bind_checkpoints", "run_lock", "run_files",
            "run_classes", "check_new_run", "remove_checkpoints"]
 
 CONFIG_FILE = "config.json"
@@ -47,6 +49,101 @@ def check_output_folder(out: str | Path) -> None:
         raise StorageError(f"Cannot write the run to {str(out)!r}: {str(probe_in)!r} is not writable "
                            f"({type(exc).__name__}: {exc.strerror or exc}). Choose another --out or fix its "
                            "permissions.") from exc
+
+
+REPORTS_BYTES = 4 * 2**20  # config, metrics, history, data.json: generous for tens of thousands of files
+
+
+def check_run_room(out: str | Path, weights_bytes: int, checkpoint_bytes: int) -> None:
+    """Fail before training when the disk that will hold ``out`` lacks room for the run: the weights (twice
+    while a re-save replaces them), the checkpoints written as training runs, and the reports.
+
+    Raises:
+        StorageError: the free space of ``out``'s file system is below that estimate.
+    """
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    need = 2 * weights_bytes + checkpoint_bytes + REPORTS_BYTES
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise StorageError(f"The run in {str(out)!r} needs about {need / 2**20:.0f} MB (weights, checkpoints and "
+                           f"reports) but its disk has {free / 2**20:.0f} MB free; free some space or choose "
+                           "another --out")
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path):
+    """Hold ``out`` for one writer while a run is trained and saved; a second writer is refused at once. The
+    lock file lies beside ``out`` (``.NAME.lock``, removed at the end) so a refused run leaves ``out`` untouched.
+    Temporary files a killed writer left in ``out`` are removed once the lock is held.
+
+    Raises:
+        StorageError: another process holds ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"another headstart is writing a run to {str(out)!r} (it holds {str(path)!r}); wait "
+                               "for it to finish or choose another --out") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        for folder in (out, out / CHECKPOINTS):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+RESUME_KEY = "run.json"  # in the checkpoints folder: what the checkpoints were trained on
+
+
+def bind_checkpoints(out: str | Path, key: dict, resume: bool) -> None:
+    """Record what the checkpoints in ``out`` belong to (data, classes, backbone, recipe), or, on ``resume``,
+    refuse checkpoints that belong to something else.
+
+    Raises:
+        StorageError: ``resume`` with checkpoints from other data, classes, backbone or recipe.
+    """
+    from .io import read_json, write_json
+
+    path = Path(out) / CHECKPOINTS / RESUME_KEY
+    if resume and path.is_file():
+        try:
+            saved = read_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise StorageError(f"{str(path)!r} is damaged; --resume cannot tell what the checkpoints in {str(out)!r} "
+                               "belong to. Train again with --overwrite")
+        differ = [part for part in key if json.dumps(saved.get(part), sort_keys=True) != json.dumps(key[part], sort_keys=True)]
+        if differ:
+            shown = "; ".join(f"{part}: checkpoints {_short(saved.get(part))}, now {_short(key[part])}" for part in differ)
+            raise StorageError(f"--resume: the checkpoints in {str(out)!r} belong to another run ({shown}); resume "
+                               "with the same data and settings, or train again with --overwrite")
+        return
+    if resume and any((Path(out) / CHECKPOINTS).glob("*.safetensors")):
+        raise StorageError(f"--resume: the checkpoints in {str(out)!r} do not say what they were trained on (an older "
+                           "headstart); train again with --overwrite")
+    write_json(path, key)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def run_files(out: str | Path) -> list[str]:

@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import logging
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .backbones.base import create_backbone
 from .backbones.weights import state_digest
-from .config import DataConfig, HeadConfig
+from .config import ConfigError, DataConfig, HeadConfig, checked_classes
 from .errors import HeadstartError, RunFormatError, StorageError
 from .heads import Head
-from .io import atomic_write, write_json
+from .io import atomic_write, read_json, write_json
 from .model import ImageModel
 from .runfolder import CONFIG_FILE, WEIGHTS_FILE, check_output_folder
 
@@ -121,8 +123,8 @@ def read_config(run: str | Path) -> dict:
         raise RunFormatError(f"{str(run)!r} is not a headstart run: {CONFIG_FILE} is missing. "
                              "Pass the folder given to `headstart train --out`.")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = read_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise RunFormatError(f"{str(path)!r} is damaged ({exc}); retrain or restore the run") from exc
     return _checked_format(config, run, path)
 
@@ -163,8 +165,8 @@ def _config_inside_weights(run: Path, state: dict) -> dict:
                                "the run again.")
     try:
         with safe_open(str(path), "pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "null"))
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            config = read_json((f.metadata() or {}).get("config", "null"))
+    except (SafetensorError, OSError, ValueError) as exc:
         raise different from exc
     if not isinstance(config, dict) or config.get("model_digest") != state_digest(state):
         raise different
@@ -174,34 +176,80 @@ def _config_inside_weights(run: Path, state: dict) -> dict:
     return config
 
 
-def load_model(run: str | Path) -> tuple[ImageModel, dict]:
-    """Rebuild the model saved in ``run`` (offline: no weights are fetched) and return it with its config.
-
-    Raises:
-        RunFormatError: missing or damaged files, another format version, or weights that do not
-            match the config.
-    """
-    run = Path(run)
-    config = read_config(run)
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a FIFO, device or other special file before opening it: reading one would hang or never end."""
     try:
-        bb_cfg, classes = config["backbone"], list(config["classes"])
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the reader's own error says it is missing
+    if not stat.S_ISREG(mode):
+        raise RunFormatError(f"{what} {str(path)!r} is not a regular file (a FIFO, device or folder); expected the "
+                             "file `headstart train` wrote. Restore or retrain the run.")
+
+
+def _parsed(config: dict, where: str):
+    """The backbone identity, classes, data config and head config of a run's config, each checked."""
+    try:
+        bb_cfg = config["backbone"]
+        if not isinstance(bb_cfg, dict) or not isinstance(bb_cfg.get("name"), str):
+            raise ConfigError(f"backbone.name must be a backbone's name, got {bb_cfg!r}")
+        classes = checked_classes(config["classes"], "classes")
+        if not isinstance(config["data_config"], dict) or not isinstance(config["head"], dict):
+            raise ConfigError("data_config and head must be objects")
         data_config = DataConfig.from_dict(config["data_config"])
         head_cfg = HeadConfig.from_dict(config["head"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise RunFormatError(f"{str(run / CONFIG_FILE)!r} lacks or garbles a field ({exc})") from exc
+        raise RunFormatError(f"{where} lacks or garbles a field ({exc}); retrain or restore the run") from exc
+    return bb_cfg, classes, data_config, head_cfg
+
+
+_BOUND = ("backbone", "classes", "data_config", "head")  # what a prediction depends on
+
+
+def _embedded_config(path: Path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("config")
+        return None if text is None else read_json(text)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def load_model(run: str | Path) -> tuple[ImageModel, dict]:
+    """Rebuild the model saved in ``run`` (offline: no weights are fetched) and return it with its config.
+
+    config.json is a readable copy of the config saved inside the weights file: a field a prediction depends
+    on that differs between the two is refused, naming both values.
+
+    Raises:
+        RunFormatError: missing or damaged files, another format version, weights that do not match the
+            config or hold non-finite values, or a config.json edited away from the weights' own copy.
+    """
+    run = Path(run)
+    config = read_config(run)
+    bb_cfg, classes, data_config, head_cfg = _parsed(config, repr(str(run / CONFIG_FILE)))
+    check_regular_file(run / WEIGHTS_FILE, "the run's weights")
     try:
         state = load_file(str(run / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise RunFormatError(f"{str(run / WEIGHTS_FILE)!r} is missing or damaged ({exc})") from exc
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise RunFormatError(f"the weights in {str(run / WEIGHTS_FILE)!r} hold NaN or infinite values ({bad[0]}"
+                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); a diverged training or a "
+                             "damaged file: retrain the run or restore it")
     if "model_digest" in config and state_digest(state) != config["model_digest"]:
         config = _config_inside_weights(run, state)
-        try:
-            bb_cfg, classes = config["backbone"], list(config["classes"])
-            data_config = DataConfig.from_dict(config["data_config"])
-            head_cfg = HeadConfig.from_dict(config["head"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunFormatError(f"the config inside {str(run / WEIGHTS_FILE)!r} lacks or garbles a field "
-                                 f"({exc})") from exc
+        bb_cfg, classes, data_config, head_cfg = _parsed(config, f"the config inside {str(run / WEIGHTS_FILE)!r}")
+    else:
+        inside = _embedded_config(run / WEIGHTS_FILE)
+        if isinstance(inside, dict):
+            for key in _BOUND:
+                if json.dumps(inside.get(key), sort_keys=True) != json.dumps(config.get(key), sort_keys=True):
+                    raise RunFormatError(
+                        f"{CONFIG_FILE} in {str(run)!r} says {key} {config.get(key)!r} but the weights were saved "
+                        f"with {inside.get(key)!r}; config.json is a readable copy and was edited. Restore it, "
+                        "or retrain the run to change it")
     _check_sizes(run, data_config, head_cfg, classes, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,13 +99,12 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"Data folder {str(root)!r} does not exist or is not a folder. "
                            "Expected a folder with one sub-folder per class.")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_junk_name(d.name))
-    lowered = {}
-    for name in found:
-        if name.lower() in lowered:
-            raise DatasetError(f"Class folders {lowered[name.lower()]!r} and {name!r} in {str(root)!r} differ only "
-                               "in case; merge or rename one of them.")
-        lowered[name.lower()] = name
+    folder_of = {}  # class name (normalised) -> the folder's name on disk
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not is_junk_name(d.name):
+            folder_of[class_name(d.name)] = d.name
+    found = sorted(folder_of)
+    _refuse_case_clashes(found, f"Class folders in {str(root)!r}", "merge or rename one of the folders")
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -132,28 +132,85 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> Dataset:
     for idx, name in enumerate(classes):
         if name not in found:
             continue
-        files = _walk_images(root / name, ignored)
+        files = _walk_images(root / folder_of[name], ignored)
         if not files:
-            raise DatasetError(f"Class folder {str(root / name)!r} holds no images (.jpg .jpeg .png .gif .bmp .webp). "
+            raise DatasetError(f"Class folder {str(root / folder_of[name])!r} holds no images (.jpg .jpeg .png .gif .bmp .webp). "
                                "Add images or remove the folder.")
         samples += [(p, idx) for p in files]
     return Dataset(samples, list(classes), str(root), ignored)
 
 
+def class_name(text: str) -> str:
+    """A label as headstart keeps it: Unicode NFC, surrounding spaces stripped (from a CSV and a folder alike),
+    so names that only look the same are the same class."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _refuse_case_clashes(names, where: str, fix: str) -> None:
+    seen = {}
+    for name in names:
+        key = name.casefold()
+        if key in seen and seen[key] != name:
+            raise DatasetError(f"{where}: labels {seen[key]!r} and {name!r} differ only in case; {fix}")
+        seen.setdefault(key, name)
+
+
+_PATH_HEADERS = ("path", "file", "filepath", "filename", "image")
+_LABEL_HEADERS = ("label", "class", "category")
+
+
+def _csv_columns(header: list[str], path: Path) -> tuple[int, int] | None:
+    """The (path, label) column indices a header names, None when the first row is data; unknown names refused."""
+    names = [class_name(h).lower() for h in header]
+    paths = [i for i, n in enumerate(names) if n in _PATH_HEADERS]
+    labels = [i for i, n in enumerate(names) if n in _LABEL_HEADERS]
+    if paths and labels:
+        return paths[0], labels[0]
+    if not paths and not labels and len(header) >= 2 and not any(n in _PATH_HEADERS + _LABEL_HEADERS for n in names) \
+            and Path(header[0].strip()).suffix:
+        return None  # no header: the first row is an image and its label
+    raise DatasetError(f"{str(path)!r} has the header {header!r}; expected a column for the image "
+                       f"({'/'.join(_PATH_HEADERS)}) and one for the label ({'/'.join(_LABEL_HEADERS)}), in any "
+                       "order, or no header and 'path,label' rows")
+
+
 def read_csv(path: str | Path, classes: list[str] | None = None) -> Dataset:
-    """A CSV of ``path,label`` rows (header optional); relative paths are from the CSV's folder."""
+    """A CSV (RFC 4180, UTF-8, a BOM allowed) of image paths and labels; relative paths are from its folder.
+
+    The header names the columns (``path``/``file``/``filepath``/``filename``/``image`` and
+    ``label``/``class``/``category``, in any order); without one, rows are ``path,label``.
+    """
     path = Path(path)
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DatasetError(f"{str(path)!r} line {i + 1}: expected 'path,label', got {row!r}")
-            if i == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
-                continue
-            rows.append((row[0].strip(), row[1].strip()))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            table = list(csv.reader(f, strict=True))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 "
+                           "CSV. Save it as 'CSV UTF-8' (or convert it, e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{str(path)!r} is not a valid CSV ({exc}); expected 'path,label' rows") from None
+    table = [(i + 1, row) for i, row in enumerate(table) if row and "".join(row).strip()]
+    if not table:
+        raise DatasetError(f"{str(path)!r} has no rows; expected 'path,label' rows")
+    columns = _csv_columns(table[0][1], path)
+    if columns is None:
+        columns = (0, 1)
+    else:
+        table = table[1:]
+    p_col, l_col = columns
+    for line, row in table:
+        if len(row) <= max(p_col, l_col):
+            raise DatasetError(f"{str(path)!r} line {line}: expected a path and a label, got {row!r}")
+        image, label = row[p_col].strip(), class_name(row[l_col])
+        if not label:
+            raise DatasetError(f"{str(path)!r} line {line}: the label of {image!r} is empty; give every row a label "
+                               "or remove the row")
+        if not image or "\x00" in image:
+            raise DatasetError(f"{str(path)!r} line {line}: expected an image path, got {image!r}")
+        rows.append((image, label))
     found = sorted({label for _, label in rows})
+    _refuse_case_clashes(found, repr(str(path)), "use one spelling for each class")
     if classes is None:
         classes = found
         if len(classes) < 2:

@@ -29,12 +29,14 @@ from PIL import Image, ImageOps
 from ..errors import ImageReadError
 from .files import IMAGE_EXTENSIONS, is_image_name, is_junk_name
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "MAX_FILE_BYTES", "load_image", "load_pixels", "read_source",
+__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "MAX_FILE_BYTES", "MAX_PIXELS", "load_image", "load_pixels", "read_source",
            "content_digest", "source_name", "is_image_name", "is_junk_name"]
 
 _FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"}  # MPO: phones' multi-picture JPEGs
 # a photo is a few MB; a file far beyond that is not an image worth the memory of reading it whole
 MAX_FILE_BYTES = int(os.environ.get("HEADSTART_MAX_IMAGE_MB", "100")) * 1_000_000
+# a decoded RGB picture costs 3 bytes a pixel: 40 MP is 120 MB, a quarter of Pillow's bomb limit (179 MP)
+MAX_PIXELS = int(float(os.environ.get("HEADSTART_MAX_MEGAPIXELS", "40")) * 1_000_000)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
 
@@ -79,6 +81,8 @@ def read_source(src: ImageSource, max_bytes: int = MAX_FILE_BYTES) -> bytes | Im
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
+    if "\x00" in str(path):
+        raise ImageReadError(repr(str(path)), "holds a NUL character; no file has such a name: check the path")
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -198,6 +202,11 @@ def _reading(data: bytes, name: str) -> Iterator[Image.Image]:
             with Image.open(io.BytesIO(data)) as im:
                 if im.format not in _FORMATS:
                     raise ImageReadError(name, f"is a {im.format} file; expected JPEG, PNG, GIF, BMP or WebP")
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageReadError(name, f"is {w}x{h} pixels ({w * h / 1e6:.0f} MP); expected at most "
+                                         f"{MAX_PIXELS / 1e6:.0f} MP (HEADSTART_MAX_MEGAPIXELS raises the limit). "
+                                         "Downscale it")
                 yield im
     except ImageReadError:
         raise

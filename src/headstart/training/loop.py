@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..distributed import SINGLE, Distributed
-from ..errors import RunFormatError
+from ..errors import RunFormatError, TrainingError
 from ..io import atomic_write
 from .steps import RankSteps
 
@@ -169,6 +169,8 @@ class Trainer:
         if data.has_val:
             row["val_loss"], row["val_accuracy"] = _evaluate(self.module, data.x_val, data.y_val, self.plain,
                                                              config.batch_size, self.device, self.dist)
+        if data.has_val and not math.isfinite(row["val_loss"]):
+            self._diverged(row["val_loss"], "validation")
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
         return row
@@ -178,12 +180,20 @@ class Trainer:
         shares of all ranks add up to it) and its correct predictions. ``real``: 0 for the sampler's padding."""
         logits = self.model(x)
         loss = (self.loss_fn(logits, y) * real).sum() * scale
+        if not bool(torch.isfinite(loss)):
+            self._diverged(float(loss), "training")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_grad:
             nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.config.clip_grad)
         self.opt.step()
         return float(loss.detach()) / self.dist.world_size, int(((logits.argmax(1) == y).float() * real).sum())
+
+    def _diverged(self, loss: float, where: str):
+        lrs = ", ".join(f"{g['lr']:.3g}" for g in self.opt.param_groups)
+        raise TrainingError(f"the {where} loss became {loss} at epoch {self.state['epoch'] + 1}; expected a finite "
+                            f"number. The learning rate (now {lrs}) is likely too high, or the features hold "
+                            "NaN (check the backbone's weights and mean/std): lower --lr (or --finetune-lr)")
 
     def _track_best(self, row: dict, has_val: bool) -> None:
         state = self.state

@@ -1,0 +1,437 @@
+"""Issue 19, a run you can trust: every failure is one line, numbers are checked where they enter, CSV labels
+are read as written, a run is one consistent thing, and the output's disk is measured before training."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import headstart
+from conftest import FAST, FAST_CLI, HYMENOPTERA, make_folder, make_image, needs_shared
+from headstart.cli import main
+
+SAVED = FAST | dict(epochs=3, patience=3, cache=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    data = make_folder(root / "d", per_class=3, val_per_class=1)
+    run = headstart.ImageClassifier(**SAVED).fit(data).save(root / "run")
+    return root, data, run
+
+
+def rewrite_config(run: Path, change) -> None:
+    """Edit a run's config the way a careful forger would: config.json and the copy inside the weights alike."""
+    cfg = json.loads((run / "config.json").read_text())
+    change(cfg)
+    text = json.dumps(cfg)
+    (run / "config.json").write_text(text)
+    state = load_file(str(run / "model.safetensors"))
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        meta = dict(f.metadata() or {})
+    save_file(state, str(run / "model.safetensors"), metadata=meta | {"config": text})
+
+
+def _set(path: str, value):
+    def change(cfg):
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return change
+
+
+_DELETE = object()
+
+
+def _nested(depth: int):
+    v = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def _raw_config(text: str):
+    """config.json replaced by raw text (no valid JSON writer makes 1e400 or 100k nested lists)."""
+    def write(run: Path):
+        (run / "config.json").write_text(text)
+    return write
+
+
+# (case, how the run is damaged, extra CLI arguments after the run, where the argv starts) -> one line, exit 1
+RUN_CASES = {
+    "crop_pct 0": _set("data_config.crop_pct", 0),
+    "crop_pct -1": _set("data_config.crop_pct", -1),
+    "crop_pct NaN": _set("data_config.crop_pct", float("nan")),
+    "crop_pct a string": _set("data_config.crop_pct", "0.9"),
+    "mean NaN": _set("data_config.mean", [float("nan"), 0.5, 0.5]),
+    "std inf": _set("data_config.std", [float("inf"), 0.5, 0.5]),
+    "input size 20000": _set("data_config.input_size", [20000, 20000]),
+    "input size a string": _set("data_config.input_size", "224"),
+    "classes a bare string": _set("classes", "blue"),
+    "classes duplicated": _set("classes", ["blue", "blue"]),
+    "classes not strings": _set("classes", [1, 2]),
+    "classes empty name": _set("classes", ["", "red"]),
+    "no backbone name": _set("backbone.name", _DELETE),
+    "backbone name a list": _set("backbone.name", ["test_tiny"]),
+}
+RAW_CASES = {
+    "1e400 in config.json": lambda cfg: re.sub(r'"crop_pct": [0-9.]+', '"crop_pct": 1e400', json.dumps(cfg)),
+    "deeply nested config.json": lambda cfg: json.dumps(cfg)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CASES))
+def test_a_damaged_run_config_is_one_line(case, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rewrite_config(copy, RUN_CASES[case])
+    img = make_image(tmp_path / "x.png", (40, 60, 200))
+    assert main(["predict", str(copy), str(img)]) == 1
+    _one_line(capsys)
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_unparseable_config_json_is_one_line(case, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(RAW_CASES[case](cfg))
+    img = make_image(tmp_path / "x.png", (40, 60, 200))
+    assert main(["predict", str(copy), str(img)]) == 1
+    _one_line(capsys)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "nan"], ["--lr", "inf"], ["--weight-decay", "nan"], ["--label-smoothing", "2"],
+    ["--hidden", "1000000000"], ["--input-size", "20000"], ["--dropout", "nan"], ["--val-fraction", "nan"],
+    ["--val-fraction", "1.5"], ["--patience", "-1"], ["--batch-size", "0"],
+], ids=" ".join)
+def test_absurd_training_flags_are_one_line_before_any_work(flags, image_folder, tmp_path, capsys):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, *flags]) == 1
+    _one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_latin1_csv_is_one_line(tmp_path, capsys):
+    for i, label in enumerate(["caf\xe9", "th\xe9"] * 2):
+        make_image(tmp_path / f"{i}.png", (40, 60, 200 - 30 * i))
+    (tmp_path / "data.csv").write_bytes("path,label\n".encode() + "".join(
+        f"{i}.png,{label}\n" for i, label in enumerate(["caf\xe9", "th\xe9"] * 2)).encode("latin-1"))
+    assert main(["train", str(tmp_path / "data.csv"), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    assert "UTF-8" in _one_line(capsys)
+
+
+def test_a_nul_in_a_path_is_one_line(trained, capsys):
+    root, data, run = trained
+    assert main(["predict", str(run), "bad\x00name.png"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # the path is reported as skipped, then the one error
+    assert "NUL character" in lines[0] and lines[-1].startswith("error: ") and "Traceback" not in str(lines), lines
+
+
+def test_evaluate_with_no_readable_image_is_one_line(trained, tmp_path, capsys):
+    root, data, run = trained
+    for c in ("blue", "red"):
+        (tmp_path / "ev" / c).mkdir(parents=True)
+        (tmp_path / "ev" / c / "x.png").write_bytes(b"not a png")
+    assert main(["evaluate", str(run), str(tmp_path / "ev")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # each skipped file is reported, then the one error
+    assert lines[-1].startswith("error: ") and all(line.startswith("skipped ") for line in lines[:-1]), lines
+
+
+def test_an_unexpected_exception_is_one_line_with_the_debug_hint(image_folder, tmp_path, capsys, monkeypatch):
+    def broken(self, *a, **k):
+        raise ZeroDivisionError("division by zero")
+    monkeypatch.setattr(headstart.api.ImageClassifier, "fit", broken)
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "ZeroDivisionError" in err and "run with --debug for the traceback" in err
+
+
+# -- CSV labels are read as written -------------------------------------------------------------------------
+def _csv(tmp_path: Path, text: str, *, bom: bool = False, n: int = 4) -> Path:
+    for i in range(n):
+        make_image(tmp_path / f"{i}.png", (40 + 40 * i, 60, 200 - 40 * i))
+    path = tmp_path / "data.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def _read(path):
+    from headstart.data.datasets import read_csv
+    return read_csv(path)
+
+
+def test_a_bom_before_the_header_is_not_a_class(tmp_path):
+    ds = _read(_csv(tmp_path, "path,label\n0.png,ants\n1.png,bees\n2.png,ants\n3.png,bees\n", bom=True))
+    assert ds.classes == ["ants", "bees"]
+
+
+@pytest.mark.parametrize("header,row", [("filepath,class", "{p},{l}"), ("label,path", "{l},{p}"),
+                                        ("category,image,notes", "{l},{p},x"), ("file,label", "{p},{l}")])
+def test_header_names_are_recognised_in_any_order(tmp_path, header, row):
+    rows = "".join(row.format(p=f"{i}.png", l=("ants", "bees")[i % 2]) + "\n" for i in range(4))
+    ds = _read(_csv(tmp_path, header + "\n" + rows))
+    assert ds.classes == ["ants", "bees"]
+    assert [(Path(p).name, y) for p, y in ds.samples] == [(f"{i}.png", i % 2) for i in range(4)]
+
+
+def test_an_unknown_header_is_refused_and_shown(tmp_path, capsys):
+    path = _csv(tmp_path, "picture,kind\n0.png,ants\n1.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    assert "['picture', 'kind']" in _one_line(capsys)
+
+
+def test_an_empty_label_is_refused_with_the_row_number(tmp_path, capsys):
+    path = _csv(tmp_path, "path,label\n0.png,ants\n1.png,bees\n2.png,\n3.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "line 4" in err and "'2.png'" in err and "empty" in err
+
+
+def test_labels_are_normalised_and_case_clashes_refused(tmp_path, capsys):
+    decomposed = "cafe\u0301"  # é as e + combining accent: looks like the composed "café"
+    ds = _read(_csv(tmp_path, f"path,label\n0.png,caf\u00e9\n1.png, bees \n2.png,{decomposed}\n3.png,bees\n"))
+    assert ds.classes == ["bees", "caf\u00e9"]
+    path = _csv(tmp_path, "path,label\n0.png,ANTS\n1.png,bees\n2.png,ants\n3.png,bees\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), *FAST_CLI]) == 1
+    err = _one_line(capsys)
+    assert "'ANTS'" in err and "'ants'" in err and "differ only in case" in err
+
+
+def test_class_folders_are_normalised_like_csv_labels(tmp_path):
+    from headstart.data.datasets import scan_folder
+    for i, name in enumerate(["cafe\u0301", "bees "]):
+        make_image(tmp_path / name / "a.png", (40, 60, 200 - 100 * i))
+    assert scan_folder(tmp_path).classes == ["bees", "caf\u00e9"]
+    make_image(tmp_path / "Bees" / "a.png", (40, 60, 200))
+    with pytest.raises(headstart.errors.DatasetError, match="differ only in case"):
+        scan_folder(tmp_path)
+
+
+# -- numbers checked where they enter ---------------------------------------------------------------------
+def test_a_diverging_training_stops_at_once_naming_the_learning_rate(image_folder, tmp_path, capsys):
+    assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--lr", "1e30",
+                 "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "loss became nan" in err and "learning rate" in err and "--lr" in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["nan", "inf"])
+def test_weights_with_non_finite_values_are_refused(where, trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    with safe_open(str(copy / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    bias = next(k for k in state if k.endswith("predictions.bias"))
+    state[bias][0] = float(where)
+    save_file(state, str(copy / "model.safetensors"), metadata=meta)
+    assert main(["predict", str(copy), str(make_image(tmp_path / "x.png", (40, 60, 200)))]) == 1
+    assert "NaN or infinite" in _one_line(capsys)
+
+
+def test_json_output_is_strict_json(trained, tmp_path, capsys):
+    root, data, run = trained
+    only_blue = tmp_path / "ev"
+    for i in range(2):
+        make_image(only_blue / "blue" / f"{i}.png", (40, 60, 200), seed=i)
+    assert main(["evaluate", str(run), str(only_blue), "--format", "json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in JSON output")
+    json.loads(out, parse_constant=refuse)
+
+
+def test_written_json_turns_undefined_metrics_into_null(tmp_path):
+    from headstart.io import write_json
+    write_json(tmp_path / "m.json", {"recall": float("nan"), "rows": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"recall": None, "rows": [1.0, None]}
+
+
+def test_config_edited_away_from_the_weights_copy_is_refused_naming_both(trained, tmp_path, capsys):
+    root, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["classes"] = cfg["classes"][::-1]  # swapped: every prediction would flip
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["predict", str(copy), str(make_image(tmp_path / "x.png", (40, 60, 200)))]) == 1
+    err = _one_line(capsys)
+    assert "['red', 'blue']" in err and "['blue', 'red']" in err
+
+
+# -- the output's disk is measured before training ------------------------------------------------------------
+def test_a_full_disk_for_the_run_fails_before_extraction(image_folder, tmp_path, capsys, monkeypatch):
+    from conftest import refusing_reads
+    import shutil as sh
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 100_000, 100_000))
+    with refusing_reads(image_folder):
+        assert main(["train", str(image_folder), "--out", str(tmp_path / "run"), *FAST_CLI, "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "needs about" in err and "MB free" in err and "another --out" in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- a run is one consistent thing ----------------------------------------------------------------------------
+def test_resume_refuses_checkpoints_of_other_labels(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), *FAST_CLI, "--keep-checkpoints", "--no-cache"]) == 0
+    for split in ("train", "val"):  # the same images, labels swapped
+        (data / split / "blue").rename(data / split / "tmp")
+        (data / split / "red").rename(data / split / "blue")
+        (data / split / "tmp").rename(data / split / "red")
+    capsys.readouterr()
+    assert main(["train", str(data), "--out", str(out), *FAST_CLI, "--resume", "--no-cache"]) == 1
+    err = _one_line(capsys)
+    assert "belong to another run" in err and "data" in err and "--overwrite" in err
+
+
+def test_a_second_writer_to_one_out_is_refused(image_folder, tmp_path, capsys):
+    from conftest import refusing_reads
+    from headstart.runfolder import run_lock
+    out = tmp_path / "run"
+    with run_lock(out), refusing_reads(image_folder):
+        assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache"]) == 1
+    assert "another headstart is writing" in _one_line(capsys)
+    assert not out.exists()
+    assert not (tmp_path / ".run.lock").exists()  # the lock file goes with its holder
+
+
+def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_start(image_folder, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    left = [out / ".model.safetensors.4242-1.tmp", out / "checkpoints" / ".head.safetensors.4242-1.tmp"]
+    for f in left:
+        f.write_bytes(b"\0" * 1000)
+    assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--overwrite"]) == 0
+    assert not any(f.exists() for f in left)
+
+
+# -- the pixel budget ----------------------------------------------------------------------------------------
+def _header_png(path: Path, w: int, h: int) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_budget_is_skipped_with_the_reason(tmp_path):
+    from headstart.data import load_image
+    from headstart.errors import ImageReadError
+    big = _header_png(tmp_path / "big.png", 8000, 6000)  # 48 MP: under Pillow's bomb limit, over headstart's
+    with pytest.raises(ImageReadError, match=r"8000x6000 pixels \(48 MP\); expected at most 40 MP"):
+        load_image(big)
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    shutil.copy(big, data / "train" / "blue" / "big.png")
+    clf = headstart.ImageClassifier(**SAVED).fit(data)
+    assert any("big.png" in str(s) and "40 MP" in str(s) for s in clf.report_.skipped_unreadable)
+
+
+# -- the ONNX engine cache is verified ------------------------------------------------------------------------
+def test_a_damaged_graph_in_the_onnx_cache_is_exported_again(tmp_path):
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from headstart.backbones.base import create_backbone
+    from headstart.engines import make_runner
+    from headstart.features import FeatureCache
+
+    bb = create_backbone("test_tiny").eval()
+    cache = FeatureCache(tmp_path / "c" / "features")
+    make_runner(bb, "onnx", cache=cache)
+    graph = next((tmp_path / "c" / "onnx").glob("*.onnx"))
+    model = onnx.load(str(graph))  # one tensor flipped: still a valid graph, now a wrong one
+    t = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+    onnx.save(model, str(graph))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        reference = bb.body(x)
+    out = make_runner(bb, "onnx", cache=cache)(x)
+    assert (out - reference).abs().max().item() <= 1e-4 * reference.abs().max().item() + 1e-6
+
+
+# -- the race: photos changing while train reads them ----------------------------------------------------------
+RACE_RUNS = 20
+
+
+@pytest.mark.slow
+@needs_shared(HYMENOPTERA)
+def test_photos_swapped_while_training_never_poison_the_cache(tmp_path):
+    """A thread swaps two photos' contents in place (as a sync client or an editor would) while ``fit`` reads
+    them; afterwards every cache entry of either content must hold that content's own features."""
+    import threading
+
+    from headstart.backbones.base import create_backbone
+    from headstart.features import FeatureCache, extract_features
+
+    photos = {c: sorted((HYMENOPTERA / "train" / c).glob("*.jpg"))[:10] for c in ("ants", "bees")}
+    data = tmp_path / "d"
+    for split, part in (("train", slice(0, 8)), ("val", slice(8, 10))):
+        for c, files in photos.items():
+            (data / split / c).mkdir(parents=True)
+            for f in files[part]:
+                shutil.copy(f, data / split / c / f.name)
+    a, b = data / "train" / "ants" / photos["ants"][0].name, data / "train" / "bees" / photos["bees"][0].name
+    contents = (a.read_bytes(), b.read_bytes())
+    bb = create_backbone("test_tiny").freeze().eval()
+    pool = "avg" if bb.entry.default_head == "avg" else None
+    checked = poisoned = 0
+    for run in range(RACE_RUNS):
+        cache = FeatureCache(tmp_path / f"cache{run}")
+        stop = threading.Event()
+
+        def swap():
+            flip = False
+            while not stop.is_set():
+                for path, content in zip((a, b), contents[::-1] if flip else contents):
+                    with open(path, "r+b") as f:  # in place, not renamed in: a reader may see any mix
+                        f.truncate(0)
+                        f.write(content)
+                flip = not flip
+        swapper = threading.Thread(target=swap, daemon=True)
+        swapper.start()
+        try:
+            headstart.ImageClassifier(**(FAST | dict(epochs=2, patience=2, seed=run)), cache=cache.root).fit(data)
+        finally:
+            stop.set()
+            swapper.join()
+        for content in contents:
+            served = extract_features(bb, [content], cache=cache, pool=pool, progress=False)
+            fresh = extract_features(bb, [content], cache=None, pool=pool, progress=False)
+            if served.cached:
+                checked += 1
+                poisoned += not torch.allclose(served.features, fresh.features, atol=1e-5)
+    assert checked > 0 and poisoned == 0, f"{poisoned} of {checked} entries hold another content's features"
