@@ -127,7 +127,8 @@ def summary(wall: float, results, uploads) -> dict:
             wrong += 1
         elif status == 200 and (len(body) != 1 or body[0]["path"] != name):
             wrong += 1
-    return {"n": len(results), "wall": wall, "rps": len(results) / wall, "ok_rps": codes[200] / wall,
+    lost = [f"{name}: {body}" for status, _, name, body in results if status == 0]
+    return {"n": len(results), "wall": wall, "rps": len(results) / wall, "ok_rps": codes[200] / wall, "lost_why": lost,
             "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
@@ -223,6 +224,8 @@ def main() -> None:
             print(f"  {'mixed' if mixed else 'clean'} c={c:<3} {s['rps']:6.1f} req/s  p50 {s['p50']:6.1f} ms  "
                   f"p95 {s['p95']:6.1f}  p99 {s['p99']:6.1f}  batch {s['mean_batch']:.1f}  codes {s['codes']}",
                   flush=True)
+            for line in s["lost_why"][:5]:
+                print(f"    lost: {line}", flush=True)
 
     # 4. memory under a long load
     marks = {1000, 2500, 5000, 7500, args.memory_requests}
