@@ -235,3 +235,15 @@ def test_log_lines_never_land_inside_a_progress_bar(tmp_path, image_folder):
     shown = [segment.rstrip("\r").split("\r")[-1] for segment in text.split("\n")]  # what each line shows
     export = [line for line in shown if "exporting test_tiny to ONNX" in line]
     assert export and all(line.startswith("exporting") for line in export), export
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_run_again_as_it_was(tmp_path):
+    from headstart.errors import StorageError
+    from headstart.runfolder import check_new_run
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "run.json").write_text("{}")  # what a killed extraction leaves
+    check_new_run(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "finetune.safetensors").write_bytes(b"")
+    with pytest.raises(StorageError, match="already holds a run"):
+        check_new_run(tmp_path / "run")

@@ -149,7 +149,11 @@ def _short(value) -> str:
 def run_files(out: str | Path) -> list[str]:
     """The names of a run's files present in ``out`` (empty when there is no run there)."""
     out = Path(out)
-    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    # a checkpoints folder with no checkpoint in it (a run stopped before its first) holds nothing to resume
+    return [name for name in RUN_FILES
+            if (out / name).exists() and (name != CHECKPOINTS or any((out / name).glob("*.safetensors")))]
 
 
 def run_classes(run: str | Path) -> list[str] | None:
