@@ -96,3 +96,12 @@ def test_an_unknown_head_search_is_refused():
 
     with pytest.raises(ConfigError, match="head_search"):
         headstart.ImageClassifier(head_search="grid")
+
+
+def test_wide_features_get_the_regressions_only():
+    from headstart.config import HeadConfig
+    from headstart.training.select import C_GRID, LOOP_MAX_FEATURES, _candidates
+
+    assert any(c.kind == "loop" for c in _candidates(HeadConfig(), LOOP_MAX_FEATURES))
+    wide = _candidates(HeadConfig(), LOOP_MAX_FEATURES + 1)
+    assert [c.kind for c in wide] == ["logreg"] * len(C_GRID)

@@ -39,6 +39,10 @@ CV_BELOW = 500        # validation sets smaller than this are too noisy to choos
 FOLDS = 5
 MLP_HEAD = HeadConfig(hidden=(256,), dropout=0.5)  # the Keras book's Dense 256 + dropout 0.5
 _EPOCH_CEILING = 20   # loop candidates: at most this many times TrainConfig.epochs, stopped by patience first
+# A hidden layer over wider features (flattened maps: 62,720 for efficientnet_lite0 at 224) costs minutes per fold
+# on a CPU, against seconds for a logistic regression (fitted in the images' span); such features get the
+# regressions only. VGG16's flattened 4x4x512 at 150 (8,192) still gets the hidden layer too.
+LOOP_MAX_FEATURES = 8192
 
 
 @dataclasses.dataclass
@@ -49,10 +53,12 @@ class _Candidate:
     C: float | None = None
 
 
-def _candidates(configured: HeadConfig) -> list[_Candidate]:
+def _candidates(configured: HeadConfig, width: int) -> list[_Candidate]:
     cands = [_Candidate(f"logistic regression C={c:g}", "logreg", dataclasses.replace(configured, hidden=(),
                                                                                        dropout=0.0), C=c)
              for c in C_GRID]
+    if width > LOOP_MAX_FEATURES:
+        return cands
     if configured.hidden:  # a linear head is one of the logistic regressions: only a hidden layer needs the loop
         cands.append(_Candidate("configured head (epoch loop)", "loop", configured))
     else:
@@ -104,7 +110,7 @@ def _select(template, x_train, y_train, x_val, y_val, config, device):
               else f"the validation set ({len(yv)} images)")
     rows, fitted = [], {}
     projected = [_Projected(z[tr]) for tr, _ in folds] if folds is not None else [_Projected(z)]
-    for cand in _candidates(template.config):
+    for cand in _candidates(template.config, z.shape[1]):
         t = time.perf_counter()
         if folds is not None:
             scores = [_fit_score(cand, template, p, y[tr], z[te], y[te], config, device)
@@ -119,7 +125,7 @@ def _select(template, x_train, y_train, x_val, y_val, config, device):
                      "accuracy": acc, "log_loss": loss, "seconds": time.perf_counter() - t})
         log.info("head candidate %s: accuracy %.4f, log loss %.4f (%.1f s)", cand.name, acc, loss, rows[-1]["seconds"])
     best = min(range(len(rows)), key=lambda i: (-round(rows[i]["accuracy"], 9), rows[i]["log_loss"]))
-    cand, chosen = _candidates(template.config)[best], rows[best]
+    cand, chosen = _candidates(template.config, z.shape[1])[best], rows[best]
     if folds is not None:  # refit the winner on all of train
         head, history = _refit(cand, template, _Projected(z) if cand.kind == "logreg" else z, y, zv, yv, config,
                                device, chosen["epochs"])
