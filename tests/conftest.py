@@ -41,6 +41,19 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "feature-cache"))
 
 
+def png_header(width: int, height: int, *, bits: int = 8, colour: int = 2) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels (RGB by default) but holds almost none: a
+    decompression bomb's header, or an image over a pixel budget, in about 100 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def make_image(path: Path, colour, size=(40, 32), seed=0, fmt=None):
     """A noisy picture dominated by ``colour`` (a class signal a random conv net can still see)."""
     rng = np.random.default_rng(seed)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 from PIL import Image
 
 import headstart
-from conftest import FAST, FAST_CLI, make_folder, make_image
+from conftest import FAST, FAST_CLI, make_folder, make_image, png_header
 from headstart.cli import main
 from headstart.data import load_image, load_splits
 from headstart.errors import DatasetError, ImageReadError
@@ -37,17 +35,6 @@ def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", **kw)
     return buf.getvalue()
-
-
-def _big_header_png(path: Path, side: int = 20000) -> Path:
-    """A 100-byte PNG whose header claims side x side pixels: over Pillow's decompression-bomb limit."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def _exif_rotated(upright: Image.Image, path: Path) -> Path:
@@ -75,7 +62,7 @@ def _write_bad_files(cls: Path) -> dict[str, str]:
     add("truncated.jpg", "skipped", _jpeg_bytes(_noisy(BLUE, (200, 200)))[:1500])
     add("page.jpg", "skipped", b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n")
     add("text.jpg", "skipped", b"this is not a picture\n" * 20)
-    _big_header_png(cls / "bomb.png")
+    (cls / "bomb.png").write_bytes(png_header(20000, 20000, bits=1, colour=0))  # over Pillow's bomb limit
     outcomes["bomb.png"] = "skipped"
     rgba = photo.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(photo.size))

@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ import headstart
 from headstart.cli import main
 from headstart.serve.batcher import MicroBatcher, Overloaded
 
-from conftest import COLOURS, make_image
+from conftest import COLOURS, make_image, png_header
 from serve_process import Server, tiny_run
 
 KEY = "test-key-3f9a"
@@ -68,14 +67,6 @@ def post(url, files, top_k=None, **kw) -> httpx.Response:
     params = {"top_k": top_k} if top_k is not None else None
     return httpx.post(url + "/predict", files=[("file", (Path(f).name, Path(f).read_bytes())) for f in files],
                       params=params, timeout=60, **kw)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` RGB pixels but holds almost none (a decompression bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 # -- answers ---------------------------------------------------------------------------------------------

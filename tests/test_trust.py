@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import headstart
-from conftest import FAST, FAST_CLI, HYMENOPTERA, make_folder, make_image, needs_shared
+from conftest import FAST, FAST_CLI, HYMENOPTERA, make_folder, make_image, needs_shared, png_header
 from headstart.cli import main
 
 SAVED = FAST | dict(epochs=3, patience=3, cache=False)
@@ -333,22 +333,11 @@ def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_start(image_folder,
 
 
 # -- the pixel budget ----------------------------------------------------------------------------------------
-def _header_png(path: Path, w: int, h: int) -> Path:
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 def test_an_image_over_the_pixel_budget_is_skipped_with_the_reason(tmp_path):
     from headstart.data import load_image
     from headstart.errors import ImageReadError
-    big = _header_png(tmp_path / "big.png", 8000, 6000)  # 48 MP: under Pillow's bomb limit, over headstart's
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(8000, 6000))  # 48 MP: under Pillow's bomb limit, over headstart's
     with pytest.raises(ImageReadError, match=r"8000x6000 pixels \(48 MP\); expected at most 40 MP"):
         load_image(big)
     data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
