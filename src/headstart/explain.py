@@ -176,14 +176,20 @@ def _heatmaps(model: ImageModel, layer: nn.Module, cam_class, x: torch.Tensor, w
     was_training = model.training
     frozen = [p.requires_grad for p in model.parameters()]
     model.eval()
+    # The parameters stay frozen. Autograd starts at the target layer: the backbone's input is taken without
+    # gradients and the layer's output becomes a leaf that needs them, so its gradient exists without a trainable
+    # parameter, and the backward pass runs through the layers after it only (Grad-CAM reads nothing earlier;
+    # depthwise convolutions are slow to differentiate on a CPU).
+    hooks = [model.backbone.register_forward_pre_hook(lambda _m, args: tuple(a.detach() for a in args)),
+             layer.register_forward_hook(lambda _m, _args, out: out.detach().requires_grad_(True))]
     try:
-        # the parameters stay frozen: the input needs gradients, so every activation after it does too, and the
-        # target layer's gradient exists without a trainable parameter
         with torch.enable_grad(), cam_class(model=model, target_layers=[layer]) as cam:
             targets = None if wanted is None else [ClassifierOutputTarget(wanted)] * len(x)  # None: predicted
-            maps = cam(input_tensor=x.detach().clone().requires_grad_(True), targets=targets)
+            maps = cam(input_tensor=x.detach(), targets=targets)
             logits = cam.outputs.detach()
     finally:
+        for h in hooks:
+            h.remove()
         model.train(was_training)
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -93,33 +92,13 @@ def _own_predictions(classes: list[str], data: dict, classifier: _Classifier) ->
     return _predictions(classifier(), ds, "validation set")
 
 
-@contextlib.contextmanager
-def _gradients_from_the_target_layer(model):
-    """Inside the block, autograd starts at the backbone's Grad-CAM layer: the backbone's input is taken without
-    gradients and the layer's output becomes a leaf that needs them. Grad-CAM reads only that layer's gradient,
-    so the heatmaps are the same, while the backward pass runs through the few layers after it instead of the
-    whole backbone (depthwise convolutions are slow to differentiate on a CPU): 16 hymenoptera images went from
-    56 s to 9 s on a loaded 2-core machine (benchmarks/RESULTS.md)."""
-    from ..explain import target_layer
-
-    hooks = [model.backbone.register_forward_pre_hook(lambda _m, args: tuple(a.detach() for a in args)),
-             target_layer(model).register_forward_hook(lambda _m, _args, out: out.detach().requires_grad_(True))]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _heatmaps(classifier: _Classifier, rows: list[dict], n: int) -> list:
     """Grad-CAM overlays (``headstart.explain``) of the first ``n`` top losses, for their predicted class; None
     for an image it could not explain. A failure costs the heatmaps only, never the report."""
     from ..explain import explain, overlay
 
     try:
-        clf = classifier()
-        with _gradients_from_the_target_layer(clf.model_):
-            found = explain(clf, [Path(r["path"]) for r in rows[:n]])
+        found = explain(classifier(), [Path(r["path"]) for r in rows[:n]])
     except Exception as exc:  # noqa: BLE001 - the report is still worth having without its heatmaps
         log.warning("the report has no heatmaps (%s: %s)", type(exc).__name__, " ".join(str(exc).split())[:300])
         return []
