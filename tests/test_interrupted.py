@@ -146,7 +146,7 @@ def test_two_trainings_sharing_one_cache_at_once(tmp_path):
 
 
 # Saves two trained models in turn into one run folder until killed. While the file GAP exists, the next save
-# stops itself (SIGSTOP) right after the weights have landed and before config.json does, having removed GAP.
+# stops itself (SIGSTOP) right after its weights have landed and before its config.json does, having removed GAP.
 SAVE_LOOP = r"""
 import os, signal, sys
 from pathlib import Path
@@ -158,7 +158,7 @@ b = headstart.ImageClassifier(**kw).fit(data_b)
 real = os.replace
 def replace(src, dst, *args, **k):
     real(src, dst, *args, **k)
-    if Path(dst) == Path(out) / "model.safetensors" and os.path.exists(gap):
+    if Path(dst).name == "model.safetensors" and Path(dst).parent.parent == Path(out).parent and os.path.exists(gap):
         os.unlink(gap)
         os.kill(os.getpid(), signal.SIGSTOP)
 os.replace = replace
@@ -212,7 +212,8 @@ def test_a_run_stopped_at_any_point_of_a_save_holds_the_old_model_or_the_new_one
                 proc.send_signal(signal.SIGCONT)
         assert set(outcomes) <= models  # the old model or the new one, never a mix
         assert len(outcomes) == 12
-        # stopped between the weights and config.json: the weights' own config is read, never a mix
+        # stopped between the new weights and the new config.json: both are in the new run's folder, not yet in
+        # place, and the run holds the old model, weights and config.json alike
         for _ in range(3):
             gap.touch()
             _stopped(proc)
@@ -220,9 +221,95 @@ def test_a_run_stopped_at_any_point_of_a_save_holds_the_old_model_or_the_new_one
                 loaded, config_json = _read_stopped_run(out)
             finally:
                 proc.send_signal(signal.SIGCONT)
-            assert loaded in models and config_json in models and loaded != config_json
+            assert loaded in models and loaded == config_json
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     for name in ("config.json", "metrics.json", "data.json"):
         json.loads((out / name).read_text())
+
+
+# Saves run A into RUNS/run (with a user's notes.txt and an export of A beside it), then B over it, then A again,
+# stopping itself (SIGSTOP) just before and just after every rename under RUNS: every moment between two files
+# of a save, and the moments around the swap of the whole folder. REF holds a copy of each run, saved apart.
+SAVE_STEPS = r"""
+import os, signal, sys
+from pathlib import Path
+data_a, data_b, runs, ref = sys.argv[1:5]
+import headstart
+kw = dict(backbone="test_tiny", epochs=1, cache=False, progress=False)
+a = headstart.ImageClassifier(**kw).fit(data_a)
+b = headstart.ImageClassifier(**kw).fit(data_b)
+a.save(Path(ref) / "a")
+b.save(Path(ref) / "b")
+out = Path(runs) / "run"
+a.save(out)
+(out / "notes.txt").write_text("mine")
+(out / "model.onnx").write_bytes(b"an export of run a")
+def stopping(real):
+    def rename(src, dst, *args, **k):
+        inside = Path(dst).is_relative_to(runs)
+        if inside:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        real(src, dst, *args, **k)
+        if inside:
+            os.kill(os.getpid(), signal.SIGSTOP)
+    return rename
+os.replace, os.rename = stopping(os.replace), stopping(os.rename)
+b.save(out)
+a.save(out)
+"""
+
+RUN_PARTS = ("model.safetensors", "config.json", "metrics.json", "history.csv", "data.json")
+
+
+def _content(path: Path):
+    """A run file's content: its bytes; for the weights, the tensors and metadata (their order in the header is
+    not fixed)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return f.metadata(), {k: f.get_tensor(k).tobytes() for k in sorted(f.keys())}
+
+
+def _which_run(out: Path, ref: Path) -> str:
+    """'a' or 'b': the run whose every file ``out`` holds (the test fails on a mix)."""
+    held = {name: _content(out / name) for name in RUN_PARTS}
+    whose = {name: [r for r in "ab" if held[name] == _content(ref / r / name)] for name in RUN_PARTS}
+    matches = [r for r in "ab" if all(r in found for found in whose.values())]
+    assert matches, f"a mix of two runs: {whose}"
+    return matches[0]
+
+
+def test_a_save_interrupted_between_any_two_files_leaves_the_old_run_or_the_new_one_whole(tmp_path):
+    from headstart.runfolder import run_lock
+
+    data_a = make_folder(tmp_path / "a", classes=("blue", "red"), per_class=2, val_per_class=1)
+    data_b = make_folder(tmp_path / "b", classes=("green", "red"), per_class=2, val_per_class=1, seed=1)
+    runs, ref = tmp_path / "runs", tmp_path / "ref"
+    out = runs / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_STEPS, str(data_a), str(data_b), str(runs), str(ref)],
+                            env=os.environ | ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        while seen.count("b") < 6:  # the third save under way: killed there
+            _stopped(proc)
+            run = _which_run(out, ref)
+            seen.append(run)
+            assert tuple(headstart.load(out).classes_) == (("blue", "red") if run == "a" else ("green", "red"))
+            # the old run's export goes with it; the user's file is kept (in the old folder, during the swap)
+            assert (out / "model.onnx").exists() == (seen.count("b") == 0)
+            assert (out / "notes.txt").exists() or list(runs.glob(".run.*/notes.txt"))
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert seen[0] == "a" and seen == sorted(seen)  # the old run whole until the new one whole
+    assert _which_run(out, ref) == "b" and (out / "notes.txt").read_text() == "mine"
+    assert list(runs.glob(".run.tmp-*"))  # the killed save's half-written folder
+    with run_lock(out):  # the next writer's start clears it
+        pass
+    assert sorted(p.name for p in runs.iterdir()) == ["run"]
+    assert _which_run(out, ref) == "b" and (out / "notes.txt").read_text() == "mine"

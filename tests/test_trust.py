@@ -322,6 +322,22 @@ def test_a_second_writer_to_one_out_is_refused(image_folder, tmp_path, capsys):
     assert not (tmp_path / ".run.lock").exists()  # the lock file goes with its holder
 
 
+def test_a_retrain_replaces_the_whole_run_and_keeps_what_headstart_did_not_write(image_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--no-report"]) == 0
+    (out / "model.onnx").write_bytes(b"an export of the first run")
+    (out / "report-test.html").write_text("the first run on a test set")
+    (out / "heatmaps").mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--overwrite",
+                 "--keep-checkpoints", "--heatmaps", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "data.json", "history.csv",
+                                                    "metrics.json", "model.safetensors", "notes.txt", "plots",
+                                                    "report.html"]
+    assert (out / "checkpoints" / "run.json").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "feature-cache", "run"]  # nothing beside it
+
+
 def test_temp_files_of_a_killed_save_are_cleaned_at_the_next_start(image_folder, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)

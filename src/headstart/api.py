@@ -33,7 +33,8 @@ from .heads import Head
 from .label_errors import find_label_errors
 from .model import ImageModel
 from .predict import Predictor
-from .runfolder import bind_checkpoints, check_new_run, check_run_room, remove_checkpoints
+from .runfolder import (CHECKPOINTS, bind_checkpoints, check_new_run, check_run_room, remove_checkpoints, replacing_run,
+                        writing_run)
 from .runs import RunReport, load_model, save_model, write_history, write_json
 from .training.recipes import TrainResult, feature_pool, find_lr, train_recipe
 
@@ -342,10 +343,15 @@ class ImageClassifier:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, out: str | Path, *, keep_checkpoints: bool = False) -> Path:
-        """Write the run folder (safetensors + JSON + history CSV); returns its path.
+        """Write the run folder (safetensors + JSON + history CSV) as one unit; returns its path.
 
-        The run is finished once saved, so the training checkpoints in ``out/checkpoints`` are deleted unless
-        ``keep_checkpoints``.
+        The files are written into a folder beside ``out`` that then replaces ``out`` whole, so a reader (or a
+        save killed midway) finds the old run or the new one, never a mix; files headstart did not write in
+        ``out`` are kept. The run is finished once saved, so the training checkpoints in ``out/checkpoints`` are
+        deleted unless ``keep_checkpoints``.
+
+        Raises:
+            StorageError: another writer is writing to ``out``.
         """
         if getattr(self, "rank_", 0) != 0:  # on torchrun ranks other than 0: rank 0 writes the run
             return Path(out)
@@ -360,12 +366,16 @@ class ImageClassifier:
         report = getattr(self, "report_", None)
         if report is not None and report.head_selection:
             training["head_selection"] = report.head_selection
-        save_model(self.model_, out, training)
-        write_json(out / "metrics.json", getattr(self, "metrics_", {}))
-        write_history(out / "history.csv", getattr(self, "history_", []))
-        if getattr(self, "report_", None) is not None:
-            write_json(out / "data.json", self.report_.data_json())
-        if not keep_checkpoints and remove_checkpoints(out):
+        had_checkpoints = (out / CHECKPOINTS).is_dir()
+        # every file into a new folder, then that folder in place of out at once: an interrupted save leaves
+        # the old run whole, and nothing of the old run (its report, an exported model.onnx) outlives it
+        with writing_run(out), replacing_run(out, keep=(CHECKPOINTS,) if keep_checkpoints else ()) as new:
+            save_model(self.model_, new, training)
+            write_json(new / "metrics.json", getattr(self, "metrics_", {}))
+            write_history(new / "history.csv", getattr(self, "history_", []))
+            if report is not None:
+                write_json(new / "data.json", report.data_json())
+        if had_checkpoints and not keep_checkpoints:
             log.info("removed the training checkpoints in %s (the run is saved; --keep-checkpoints keeps them)", out)
         return out
 

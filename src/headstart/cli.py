@@ -200,7 +200,7 @@ def _classifier_from_args(args):
 
 def _cmd_train(args) -> None:
     from .data.datasets import load_splits
-    from .runfolder import check_new_run, check_output_folder, run_lock
+    from .runfolder import check_new_run, check_output_folder, writing_run
 
     # before the model libraries load: a wrong --out, report setting or data layout fails at once
     check_output_folder(args.out)
@@ -214,21 +214,21 @@ def _cmd_train(args) -> None:
 
         read_path_list(args.exclude)  # an unreadable list fails now, not after the model libraries load
     auto = AutoConfig(args.auto, args.time_budget)
+    # the run is held from the training to its report, so no other writer replaces it in between
     if auto.auto:
-        with run_lock(args.out):
+        with writing_run(args.out):
             clf = _auto_train(args, splits, auto)
-        if not report.skip:
-            _write_run_report(clf, args.out, report)
+            if not report.skip:
+                _write_run_report(clf, args.out, report)
         return
     clf = _classifier_from_args(args)
-    with run_lock(args.out) if _primary() else contextlib.nullcontext():
+    with writing_run(args.out) if _primary() else contextlib.nullcontext():
         clf = clf.fit(splits, out=args.out, resume=args.resume, overwrite=args.overwrite)
         if clf.rank_ == 0:  # under torchrun, the other ranks only helped
             clf.save(args.out, keep_checkpoints=args.keep_checkpoints)
-    if clf.rank_ == 0:
-        _print_train_report(clf, args.out)
-        if not report.skip:
-            _write_run_report(clf, args.out, report)
+            _print_train_report(clf, args.out)
+            if not report.skip:
+                _write_run_report(clf, args.out, report)
 
 
 def _write_run_report(clf, out, config: ReportConfig) -> None:

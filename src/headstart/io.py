@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_text", "read_json", "finite_json", "FILE_MODE"]
+__all__ = ["atomic_write", "write_json", "write_text", "read_json", "finite_json", "FILE_MODE", "DIR_MODE"]
 
 
 def _umask() -> int:
@@ -28,6 +28,7 @@ def _umask() -> int:
 # what open() gives a new file; libraries that write through a private temporary file (safetensors) make it
 # owner-only, and a run's files should all be readable alike
 FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()  # what mkdir() gives a new folder
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
