@@ -322,6 +322,23 @@ def test_a_second_writer_to_one_out_is_refused(image_folder, tmp_path, capsys):
     assert not (tmp_path / ".run.lock").exists()  # the lock file goes with its holder
 
 
+def test_a_second_writer_through_the_python_api_is_refused(image_folder, tmp_path, trained):
+    from conftest import refusing_reads
+    from headstart.errors import StorageError
+    from headstart.runfolder import run_lock
+    out = tmp_path / "run"
+    with run_lock(out), refusing_reads(image_folder):
+        with pytest.raises(StorageError, match=r"another headstart is writing a run to .*run.*; wait for it to "
+                                               r"finish or choose another --out"):
+            headstart.ImageClassifier(**SAVED).fit(image_folder, out=out)
+        with pytest.raises(StorageError, match="another headstart is writing"):
+            headstart.load(trained[2]).save(out)
+    assert not out.exists()
+    # the lock is its holder's: fit(out=...) then save(out) from one caller take it in turn
+    clf = headstart.ImageClassifier(**SAVED).fit(image_folder, out=out)
+    assert clf.save(out) == out and headstart.load(out).classes_ == ["blue", "red"]
+
+
 def test_a_retrain_replaces_the_whole_run_and_keeps_what_headstart_did_not_write(image_folder, tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(image_folder), "--out", str(out), *FAST_CLI, "--no-cache", "--no-report"]) == 0

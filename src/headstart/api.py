@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -139,8 +141,16 @@ class ImageClassifier:
         Raises:
             DatasetError: fewer than two classes, an empty class, unknown classes in val/test,
                 or a class left with no readable image.
-            StorageError: ``out`` holds a run, and neither ``overwrite`` nor ``resume`` is set.
+            StorageError: ``out`` holds a run, and neither ``overwrite`` nor ``resume`` is set; or another
+                writer (a ``headstart train``, another ``fit``) is writing to ``out``.
         """
+        # one writer to a run folder at a time, as for `headstart train` (whose lock this joins when it holds it);
+        # under torchrun rank 0 alone writes the run
+        primary = os.environ.get("RANK", "0") == "0"
+        with writing_run(out) if out is not None and primary else contextlib.nullcontext():
+            return self._fit(data, val, test, out=out, resume=resume, overwrite=overwrite)
+
+    def _fit(self, data, val, test, *, out, resume: bool, overwrite: bool) -> "ImageClassifier":
         t_start = time.perf_counter()
         configs = self._configs()
         if out is not None:
