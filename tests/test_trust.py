@@ -379,6 +379,28 @@ def test_an_image_over_the_pixel_budget_is_skipped_with_the_reason(tmp_path):
     assert any("big.png" in str(s) and "40 MP" in str(s) for s in clf.report_.skipped_unreadable)
 
 
+def test_a_large_png_is_decoded_reduced_and_predicts_as_the_full_picture(tmp_path, trained):
+    import numpy as np
+    from PIL import Image
+
+    from headstart.data.images import load_pixels
+    from headstart.data.transforms import EvalTransform, decode_size
+    rng = np.random.default_rng(0)
+    small = np.clip(np.array((40, 60, 200)) + rng.normal(0, 40, (6, 8, 3)), 0, 255).astype(np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(small).resize((4000, 3000), Image.BILINEAR).save(big)  # 12 MP: under the pixel budget
+    clf = headstart.load(trained[2])
+    cfg = clf.model_.data_config
+    handed_on = load_pixels(big, min_size=decode_size(cfg))
+    factor = 3000 // (2 * decode_size(cfg))  # the sides stay at least twice what the resize needs
+    assert tuple(handed_on.shape) == (3, -(-3000 // factor), -(-4000 // factor)) and factor >= 2  # not 3x3000x4000
+    full = EvalTransform(cfg)(load_pixels(big))  # every pixel decoded and kept, as before
+    predictor = clf.predictor()
+    reduced_p, full_p = (predictor.probabilities_of_batch(x[None])[0] for x in (EvalTransform(cfg)(handed_on), full))
+    np.testing.assert_allclose(reduced_p, full_p, atol=0.01)
+    assert clf.predict(big) == clf.classes_[int(full_p.argmax())]
+
+
 # -- the ONNX engine cache is verified ------------------------------------------------------------------------
 def test_a_damaged_graph_in_the_onnx_cache_is_exported_again(tmp_path):
     import numpy as np

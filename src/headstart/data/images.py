@@ -121,7 +121,9 @@ def load_image(src: ImageSource, min_size: int | None = None, name: str | None =
 
     EXIF orientation is applied; alpha is composited on white; palette, grayscale, 16-bit and CMYK
     images are converted; an animated GIF gives its first frame. With ``min_size``, a JPEG is
-    decoded at the smallest power-of-two reduction whose sides stay at least ``min_size``.
+    decoded at the smallest power-of-two reduction whose sides stay at least ``min_size``, and any other
+    image is reduced (``Image.reduce``, box averaging) right after decoding by the largest whole factor whose
+    sides stay at least twice ``min_size``.
 
     Raises:
         ImageReadError: the file is missing, empty, not an image, truncated, or over Pillow's
@@ -136,8 +138,12 @@ def load_image(src: ImageSource, min_size: int | None = None, name: str | None =
     with _reading(data, name) as im:
         if min_size and im.format in ("JPEG", "MPO"):
             im.draft("RGB", (min_size, min_size))
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
         im.load()
-        return _to_rgb(ImageOps.exif_transpose(im))
+        if min_size and im.mode in _REDUCIBLE:  # reduced before any converted copy of the full picture is made
+            return _to_rgb(ImageOps.exif_transpose(_reduced(im, min_size)))
+        return _reduced(_to_rgb(ImageOps.exif_transpose(im)), min_size)
 
 
 def load_pixels(src: ImageSource, min_size: int | None = None, name: str | None = None) -> torch.Tensor:
@@ -169,6 +175,18 @@ def load_pixels(src: ImageSource, min_size: int | None = None, name: str | None 
 
 
 _ORIENTATION = 0x0112
+# modes Image.reduce averages as the RGB conversion would see them (alpha premultiplied); the rest (palette,
+# 16-bit, float) are converted first, their range stretch read from the full picture
+_REDUCIBLE = {"RGB", "RGBA", "L", "LA"}
+
+
+def _reduced(im: Image.Image, min_size: int | None) -> Image.Image:
+    """``im`` shrunk by the largest whole factor that keeps both sides at least twice ``min_size``, so the
+    copies made after decoding are small; ``im`` itself when no factor of 2 or more fits. The resize that
+    follows then still shrinks at least twofold with its own antialiasing filter, which keeps the result within
+    a few grey levels of resizing the full picture; box averaging down to ``min_size`` itself does not."""
+    factor = min(im.size) // (2 * min_size) if min_size else 1
+    return im.reduce(factor) if factor >= 2 else im
 
 
 def _upright(a: np.ndarray, orientation: int) -> np.ndarray:

@@ -17,8 +17,9 @@ from ..config import DataConfig
 
 __all__ = ["resize_for", "to_tensor", "hflip", "EvalTransform", "decode_size", "RESAMPLING"]
 
-# part of the feature cache key: features made by another resampling code are not reused
-RESAMPLING = "torchvision-antialias-1"
+# part of the feature cache key: features made by another resampling code are not reused (2: images other than
+# JPEG reduced by a whole factor after decoding)
+RESAMPLING = "torchvision-antialias-2"
 INTERPOLATION_MODES = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
           "bicubic": TF.InterpolationMode.BICUBIC}
 _MAX_SPAN = 4  # a resized side longer than 4x the input side is cut first, so a 20000x20 strip costs a photo's time
