@@ -401,6 +401,28 @@ def test_a_large_png_is_decoded_reduced_and_predicts_as_the_full_picture(tmp_pat
     assert clf.predict(big) == clf.classes_[int(full_p.argmax())]
 
 
+def test_an_input_size_whose_forward_batch_outgrows_the_memory_is_refused_before_allocation(image_folder, capsys,
+                                                                                            monkeypatch):
+    from conftest import refusing_reads
+    from headstart import hardware
+    from headstart.backbones import registry
+    from headstart.backbones.base import Backbone, activation_bytes, check_activation_memory
+    per_image = activation_bytes(registry.get("test_tiny"), (1024, 1024))
+    assert per_image == (3 * 1024 * 1024 + 8 * 512 * 512) * 4  # its widest layer: the first conv's input and output
+    monkeypatch.setattr(hardware, "available_memory", lambda: 10 * per_image)  # one image fits, 32 do not
+    probed = []  # the backbone's probe pass is its first forward at the input size
+    monkeypatch.setattr(Backbone, "__init__", lambda *a, **k: probed.append(a))
+    with refusing_reads(image_folder):
+        assert main(["train", str(image_folder), "--out", str(image_folder.parent / "run"), *FAST_CLI, "--no-cache",
+                     "--input-size", "1024"]) == 1
+    err = _one_line(capsys)
+    assert re.search(r"input size 1024x1024 would need about 640 MB for a batch of 32 images through test_tiny "
+                     r"\(estimated from its layers\), but 200 MB of memory is available; pass a smaller --input-size "
+                     r"\(test_tiny's own is 32x32\)", err), err
+    assert probed == []
+    check_activation_memory(registry.get("test_tiny"), (1024, 1024), 10)  # what fits passes
+
+
 # -- the ONNX engine cache is verified ------------------------------------------------------------------------
 def test_a_damaged_graph_in_the_onnx_cache_is_exported_again(tmp_path):
     import numpy as np

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .backbones import registry
-from .backbones.base import Backbone, create_backbone
+from .backbones.base import EXTRACTION_BATCH, Backbone, create_backbone
 from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
 from .data.datasets import Dataset, Splits, load_dataset, load_splits, read_path_list, without_paths
 from .data.images import source_name
@@ -167,7 +167,7 @@ class ImageClassifier:
         else:
             splits = load_splits(data, val=val, test=test, val_fraction=self.val_fraction, seed=self.seed)
         splits, excluded = _excluding(splits, self.exclude)
-        backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
+        backbone = create_backbone(self.backbone, self.weights, self.input_size, batch=EXTRACTION_BATCH).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
                  "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
                  configs["recipe"].strategy)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backbones.base import EXTRACTION_BATCH
 from .cache import ENTRY_FORMAT, FeatureCache, entry_bytes
 from .data.images import ImageSource, content_digest, read_source, source_name
 from .data.pipeline import decoded_batches, default_decode_threads, map_ahead
@@ -81,7 +82,7 @@ def extract_features(
     cache: FeatureCache | None = None,
     *,
     transform: Transform | None = None,
-    batch_size: int = 32,
+    batch_size: int = EXTRACTION_BATCH,
     runner: Runner | None = None,
     engine: str = "auto",
     threads: int | None = None,

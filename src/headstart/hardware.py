@@ -24,13 +24,35 @@ from dataclasses import dataclass
 from .config import DEVICES
 from .errors import ConfigError
 
-__all__ = ["Hardware", "tune_malloc", "default_threads", "MALLOC_KEEP"]
+__all__ = ["Hardware", "tune_malloc", "default_threads", "available_memory", "MALLOC_KEEP"]
 
 log = logging.getLogger("headstart")
 
 MALLOC_KEEP = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB of freed heap stays mapped
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _state: dict[str, bool] = {}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take without swapping: the kernel's ``MemAvailable``, capped by
+    the container's cgroup limit when there is one; ``None`` where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:  # cgroup v2: the limit and what the group already uses
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        used = open("/sys/fs/cgroup/memory.current", encoding="ascii").read().strip()
+        if limit != "max":
+            found.append(max(0, int(limit) - int(used)))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def default_threads() -> int:

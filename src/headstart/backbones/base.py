@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import hardware
 from ..errors import ConfigError, WeightsUnavailableError
 from . import registry
 from .registry import BackboneEntry, DataConfig
 from .weights import match_state_dict, read_preprocessing_json, read_weights_file, state_digest
 
-__all__ = ["Backbone", "create_backbone"]
+__all__ = ["Backbone", "create_backbone", "activation_bytes", "check_activation_memory", "EXTRACTION_BATCH"]
+
+EXTRACTION_BATCH = 32  # images per forward pass when features are extracted (``extract_features``)
 
 
 class Backbone(nn.Module):
@@ -99,6 +102,7 @@ def create_backbone(
     input_size: int | tuple[int, int] | None = None,
     include_top: bool = False,
     data_config: DataConfig | None = None,
+    batch: int = 1,
 ) -> Backbone:
     """Build a registered backbone, Keras-style.
 
@@ -110,6 +114,8 @@ def create_backbone(
         input_size: square side or ``(h, w)``; defaults to the weights' own.
         include_top: keep the ImageNet classifier (EfficientNet / timm models only).
         data_config: overrides the preprocessing entirely (used when loading a saved model).
+        batch: the images one forward pass will take; above the weights' own input size, the memory that
+            needs is estimated and checked before anything of that size is allocated.
 
     Raises:
         UnknownBackboneError, WeightsUnavailableError, WeightsMismatchError, ConfigError.
@@ -131,6 +137,7 @@ def create_backbone(
             f"input size {cfg.input_size} is too small for {name}: each side must be at least "
             f"{entry.min_input_size} pixels. Pass --input-size {entry.min_input_size} or more."
         )
+    check_activation_memory(entry, cfg.input_size, batch)  # before the probe pass below runs at this size
     with torch.random.fork_rng():
         torch.manual_seed(0)  # random initialisation is reproducible too (and so its feature cache key)
         body = entry.build(cfg.input_size, include_top)
@@ -153,3 +160,49 @@ def _from_sources(entry: BackboneEntry) -> tuple[dict, str]:
         f"(safetensors or a PyTorch state dict; Python: weights='FILE'), or train from random weights with "
         f"--random-init (Python: weights=None). HF_HUB_OFFLINE=1 keeps headstart from asking the hub."
     )
+
+
+def activation_bytes(entry: BackboneEntry, input_size: tuple[int, int]) -> int | None:
+    """An estimate of the memory one image's forward pass (no gradients) needs at ``input_size``: the largest
+    input plus output of any layer, as a pass frees each layer's input once the next has run. Computed on
+    torch's meta device (shapes only: nothing is allocated, nothing is computed); ``None`` for a network the
+    meta device cannot run."""
+    peak = 0
+
+    def record(module, inputs, output):
+        nonlocal peak
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        peak = max(peak, sum(t.numel() * t.element_size() for t in tensors))
+
+    try:
+        with torch.device("meta"):
+            body = entry.build(tuple(input_size), False)
+        hooks = [m.register_forward_hook(record) for m in body.modules() if not list(m.children())]
+        with torch.no_grad():
+            body.eval()(torch.empty(1, 3, *input_size, device="meta"))
+        for h in hooks:
+            h.remove()
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, the pass itself still runs
+        return None
+    return peak
+
+
+def check_activation_memory(entry: BackboneEntry, input_size: tuple[int, int], batch: int) -> None:
+    """Refuse an input size whose forward pass of ``batch`` images would need more memory than is available,
+    before anything of that size is allocated. Sizes up to the weights' own are not checked (no cost there).
+
+    Raises:
+        ConfigError: the estimate (``activation_bytes``) exceeds ``hardware.available_memory()``.
+    """
+    h, w = input_size
+    dh, dw = entry.data_config.input_size
+    if h * w <= dh * dw:
+        return
+    available = hardware.available_memory()
+    per_image = activation_bytes(entry, input_size) if available is not None else None
+    if per_image is None or per_image * batch <= available:
+        return
+    images = "one image" if batch == 1 else f"a batch of {batch} images"
+    raise ConfigError(f"input size {h}x{w} would need about {per_image * batch / 2**20:,.0f} MB for {images} "
+                      f"through {entry.name} (estimated from its layers), but {available / 2**20:,.0f} MB of memory "
+                      f"is available; pass a smaller --input-size ({entry.name}'s own is {dh}x{dw}) or free memory")
