@@ -122,7 +122,9 @@ def test_export_serve_and_explain_refuse_a_concatenated_run(image_folder, tmp_pa
     run = tmp_path / "run"
     ImageClassifier(**(FAST | {"backbone": "test_tiny+test_tiny"}), progress=False).fit(image_folder).save(run)
     image = next((image_folder / "val").rglob("*.png"))
-    for argv in (["export", str(run), "--out", str(tmp_path / "m.onnx")], ["explain", str(run), str(image)]):
+    for argv in (["export", str(run), "--out", str(tmp_path / "m.onnx")], ["explain", str(run), str(image)],
+                 ["summary", "test_tiny+test_tiny"], ["lr-find", str(image_folder), *FAST_CLI, "--backbone",
+                                                      "test_tiny+test_tiny", "--out", str(tmp_path / "lr.png")]):
         assert main(argv) == 1
         err = _one_error_line(capsys)
         assert "concatenates several" in err and "headstart predict" in err

@@ -47,7 +47,9 @@ class ImageClassifier:
     """A frozen pretrained backbone with a new head, trained on cached features.
 
     Args:
-        backbone: registry name (``headstart backbones``) or ``timm:<model>``.
+        backbone: registry name (``headstart backbones``) or ``timm:<model>``; several joined by ``+``
+            (``"efficientnet_lite0+efficientnet_lite2"``) concatenate their pooled features (frozen strategies
+            only, each member with its own preprocessing; ``backbones.concat``).
         weights: ``"imagenet"``, a weights file path, or ``None`` (random).
         input_size: image side in pixels; default: the weights' own.
         head: ``"flatten"`` or ``"avg"``; default: the backbone's (VGG: flatten, others: avg).
