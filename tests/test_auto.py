@@ -116,3 +116,12 @@ def test_a_fine_tuning_estimate_comes_from_a_timed_step(tmp_path):
     paths = list(splits.train.paths) + list(splits.val.paths)
     seconds = auto._finetune_estimate("test_tiny", "imagenet", PARAMS, splits, None, auto._digests(paths))
     assert 3.0 < seconds < 120.0
+
+
+def test_a_concatenation_is_skipped_with_the_reason_when_the_settings_do_not_apply_to_it(tmp_path, two_tiny):
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS | {"input_size": 32},
+                          cache=tmp_path / "c", candidates=two_tiny)
+    pair = next(r for r in board if "+" in r["candidate"])
+    assert pair["status"].startswith("skipped: ") and "leave --input-size out" in pair["status"]
+    assert any(r["candidate"].endswith("fine-tuned") and r["status"] == "trained" for r in board)

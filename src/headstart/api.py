@@ -90,7 +90,7 @@ class ImageClassifier:
 
     def _configs(self) -> dict:
         """The config dataclasses for the current parameters (``headstart.config``); raises ConfigError."""
-        check_concatenation(self.backbone, self.strategy, self.head)
+        check_concatenation(self.backbone, self.strategy, self.head, self.input_size, self.weights)
         return {
             "backbone": BackboneConfig(self.backbone, self.weights, self.input_size),
             "head": HeadConfig(self.head, tuple(self.hidden), self.dropout),

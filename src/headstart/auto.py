@@ -67,7 +67,7 @@ def auto_fit(splits: Splits, auto: AutoConfig, params: dict, *, cache=True,
     scored on the validation set and replaces the best model only when its validation accuracy is higher.
 
     Raises:
-        ConfigError: no candidate has its weights here.
+        ConfigError: no candidate has its weights here, or none could be trained with ``params``.
     """
     search = _Search(splits, auto, params, cache)
     candidates = candidates or auto_candidates(params.get("backbone", "efficientnet_lite0"),
@@ -76,7 +76,8 @@ def auto_fit(splits: Splits, auto: AutoConfig, params: dict, *, cache=True,
         raise ConfigError("--auto found no backbone with weights available offline; give --weights FILE")
     for name, weights in candidates:
         search.frozen(name, weights)
-    singles = sorted((r for r in search.board if r["status"] == "trained"), key=lambda r: -r["score"])
+    singles = sorted((r for r in search.board if r["status"] == "trained" and not is_concatenation(r["backbone"])),
+                     key=lambda r: -r["score"])  # a --backbone a+b given is a candidate, not a member
     pair = []
     for r in singles:  # the best two backbones with their own weights (a concatenation takes no weights file)
         if r["weights"] == "imagenet" and all(r["backbone"] != p["backbone"] for p in pair):
@@ -136,8 +137,9 @@ class _Search:
                                                                  self.digests) for m in _members(name)) + select)
         if estimate is None:
             return
-        clf = ImageClassifier(**(self.params | {"backbone": name, "weights": weights, "strategy": "frozen",
-                                                "head_search": "auto"}), cache=self.cache if self.cache else False)
+        clf = self._classifier(label, name=name, weights=weights, strategy="frozen", head_search="auto")
+        if clf is None:
+            return
         clf.fit(self.splits)
         sel = clf.report_.head_selection or {}
         chosen = sel.get("chosen", {})
@@ -160,8 +162,9 @@ class _Search:
                                                                       self.feature_cache, self.digests))
         if estimate is None:
             return
-        clf = ImageClassifier(**(self.params | {"backbone": name, "weights": weights, "strategy": "finetune"}),
-                              cache=self.cache if self.cache else False)
+        clf = self._classifier(label, name=name, weights=weights, strategy="finetune")
+        if clf is None:
+            return
         clf.fit(self.splits)
         val = clf.metrics_.get("val", {}).get("accuracy")
         found = clf.report_.lr_find
@@ -172,6 +175,16 @@ class _Search:
         best_val = self.best[1].get("val_accuracy") if self.best else None
         self._add(clf, row, val is not None and (best_val is None or val > best_val + 1e-9))
 
+    def _classifier(self, label: str, name: str, **settings) -> ImageClassifier | None:
+        """The candidate's classifier; None (and a skipped row) when the settings given do not apply to it (a
+        concatenation with --input-size or --head flatten)."""
+        try:
+            return ImageClassifier(**(self.params | {"backbone": name} | settings),
+                                   cache=self.cache if self.cache else False)
+        except ConfigError as exc:
+            self.board.append({"candidate": label, "status": f"skipped: {exc}", "seconds": 0.0})
+            return None
+
     def _add(self, clf, row: dict, better: bool) -> None:
         self.board.append(row)
         log.info("auto: %s scored %.4f (%s) in %.0f s", row["candidate"], row["score"], row["head"], row["seconds"])
@@ -179,6 +192,9 @@ class _Search:
             self.best = (clf, row)
 
     def result(self) -> tuple[ImageClassifier, list[dict]]:
+        if self.best is None:
+            reasons = "; ".join(f"{r['candidate']}: {r['status']}" for r in self.board)
+            raise ConfigError(f"--auto trained no candidate ({reasons})")
         clf, saved = self.best
         trained = sorted((r for r in self.board if r["status"] == "trained" and r is not saved),
                          key=lambda r: (-r["score"], r["seconds"]))

@@ -114,7 +114,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     process would, and the other ranks return None; fine-tuning runs on every rank (``loop.Trainer``)."""
     hardware = hardware or Hardware()
     t_start = time.perf_counter()
-    check_concatenation(backbone.name, recipe.strategy, head.config.pool)
+    check_concatenation(backbone.name, recipe.strategy, head.config.pool)  # sizes and weights: create_backbone
     source, upper = backbone, None
     if recipe.strategy == "finetune":
         source, upper = split_backbone(backbone, recipe.unfreeze or backbone.entry.finetune_groups)
@@ -176,12 +176,13 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
                        seconds, selection, found.to_dict() | {"used": lr} if found is not None else None)
 
 
-def check_concatenation(backbone: str, strategy: str, pool: str | None) -> None:
-    """Refuse what a concatenation (``a+b``) cannot train: fine-tuning, and a flattening head.
+def check_concatenation(backbone: str, strategy: str, pool: str | None, input_size=None,
+                        weights="imagenet") -> None:
+    """Refuse what a concatenation (``a+b``) cannot train: fine-tuning, a flattening head, one input size or one
+    weights file for all its members.
 
     Raises:
-        ConfigError: an empty member (``a+``); ``strategy`` is ``finetune`` or ``pool`` is ``flatten`` for a
-            concatenated ``backbone``.
+        ConfigError: an empty member (``a+``), or one of those for a concatenated ``backbone``.
     """
     if not is_concatenation(backbone):
         return
@@ -193,6 +194,12 @@ def check_concatenation(backbone: str, strategy: str, pool: str | None) -> None:
     if pool == "flatten":
         raise ConfigError(f"--head flatten keeps each feature map whole, and {backbone!r} joins the members' pooled "
                           "features; use --head avg (a concatenation's default)")
+    if input_size is not None:
+        raise ConfigError(f"each member of {backbone!r} reads images at its own size; leave --input-size out")
+    if weights is not None and str(weights) != "imagenet":
+        raise ConfigError(f"--weights {weights} names one backbone's weights, and {backbone!r} concatenates "
+                          "several: each member takes its own ImageNet weights. Leave --weights out (or use "
+                          "--random-init)")
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
