@@ -8,7 +8,8 @@ backbone (efficientnet_lite0; VGG16 at 150 with the flatten head, the seed recip
 default (head chosen by cross-validation), the head as before (``head_search="off"``), a plain logistic-
 regression probe on the same cached features (scikit-learn defaults, C=1, on the head's standardised inputs),
 and the probe's ceiling (the best C of a grid, chosen on val itself: optimistic, a bound, not a method); then
-``--auto`` (with ``--auto-budget``) when asked for. Features are extracted once into one cache (--cache,
+``--auto`` (with ``--auto-budget``) when asked for; ``--concat a+b`` adds the same rows for that concatenation
+of backbones on the given folder. Features are extracted once into one cache (--cache,
 default a new folder), timed on their own; each training then reads them from it.
 
 ``--strategies frozen frozen-aug finetune`` adds the older table: each strategy with its defaults, each run on
@@ -30,7 +31,7 @@ import torch
 import headstart
 from headstart.data import load_splits
 from headstart.data.augment import AugmentedView, preset
-from headstart.features import extract_features
+from headstart.features import extract_features, members
 from headstart.heads import Head, HeadConfig
 
 
@@ -138,9 +139,10 @@ def heads_rows(name, data, backbone, weights, size, head, cache_dir, auto_budget
     cache = FeatureCache(cache_dir)
     splits = load_splits(data, seed=0)
     bb = headstart.create_backbone(backbone, weights, size).freeze()
-    label = f"{backbone}@{bb.data_config.input_size[0]}" + (f" {head}" if head else "")
+    sizes = "+".join(str(m.data_config.input_size[0]) for m in members(bb))
+    label = (backbone if "+" in backbone else f"{backbone}@{sizes}") + (f" {head}" if head else "")
     t0 = time.perf_counter()
-    template = Head(HeadConfig(pool=head or bb.entry.default_head), bb.feature_shape, len(splits.train.classes))
+    template = Head(HeadConfig(pool=head or bb.default_head), bb.feature_shape, len(splits.train.classes))
     for ds in (splits.train, splits.val):
         extract_features(bb, ds.paths, cache, pool=template.feature_pool, progress=False)
     rows = [{"data": name, "backbone": label, "what": "feature extraction (train + val, once)", "val_acc": None,
@@ -201,6 +203,8 @@ def main() -> None:
     ap.add_argument("--weights-vgg16", help="VGG16 notop weights file (for the Keras seed recipe rows)")
     ap.add_argument("--cache", help="feature cache of the heads table (default: a new folder)")
     ap.add_argument("--sets", nargs="*", default=["data", "digits", "shapes"], help="data sets of the heads table")
+    ap.add_argument("--concat", nargs="*", default=[], help="concatenated backbones of the heads table on the given "
+                    "folder (e.g. efficientnet_lite0+efficientnet_lite2)")
     ap.add_argument("--auto-budget", help="also train with --auto and this --time-budget (e.g. 5m)")
     ap.add_argument("--backbones", nargs="*", default=["efficientnet_lite0", "efficientnet_lite2"],
                     help="backbones of the strategies table")
@@ -227,6 +231,8 @@ def main() -> None:
         configs = [("efficientnet_lite0", "imagenet", None, None)]
         if key == "data" and args.weights_vgg16:
             configs.append(("vgg16", args.weights_vgg16, 150, "flatten"))
+        if key == "data":
+            configs += [(name, "imagenet", None, None) for name in args.concat]
         for backbone, weights, size, head in configs:
             rows = heads_rows(sets.get(key, key), data, backbone, weights, size, head, cache_dir, args.auto_budget)
             _print_heads(rows, header=not heads)

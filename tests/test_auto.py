@@ -7,9 +7,14 @@ import time
 
 import pytest
 
+import dataclasses
+
+from headstart import auto
 from headstart.auto import auto_candidates, auto_fit
+from headstart.backbones import registry
+from headstart.backbones.tiny import TINY
 from headstart.cli import main
-from headstart.config import AutoConfig
+from headstart.config import AutoConfig, DataConfig
 from headstart.data import load_splits
 from headstart.errors import ConfigError
 
@@ -35,8 +40,9 @@ def test_with_time_every_candidate_runs_and_the_best_score_wins(tmp_path):
     splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
     clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS, cache=tmp_path / "c",
                           candidates=CANDIDATES[:2])
-    assert [r["status"] for r in board] == ["trained", "trained"]
-    assert board[0]["score"] >= board[1]["score"]
+    singles = [r for r in board if r["candidate"] in ("test_tiny", "test_tiny (None)")]
+    assert [r["status"] for r in singles] == ["trained", "trained"]
+    assert board[0]["saved"] and board[0]["score"] >= max(r["score"] for r in singles if not r.get("saved"))
     assert clf.leaderboard_ is board
 
 
@@ -62,3 +68,60 @@ def test_the_offline_family_is_offered_cheapest_first():
 def test_a_budget_that_is_not_a_duration_is_refused(bad):
     with pytest.raises(ConfigError, match="time budget"):
         AutoConfig(auto=True, time_budget=bad)
+
+
+@pytest.fixture
+def two_tiny(monkeypatch) -> list[tuple[str, str]]:
+    """Two different tiny backbones (test_tiny, and one at 24 px with its own preprocessing) as candidates."""
+    entry = dataclasses.replace(TINY, name="test_tiny_24", data_config=DataConfig(
+        input_size=(24, 24), resize_mode="squash", crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    monkeypatch.setitem(registry._REGISTRY, entry.name, entry)
+    return [("test_tiny", "imagenet"), ("test_tiny_24", "imagenet")]
+
+
+def test_with_time_the_best_two_are_concatenated_and_the_best_fine_tuned(tmp_path, two_tiny):
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS, cache=tmp_path / "c",
+                          candidates=two_tiny)
+    rows = {r["candidate"]: r for r in board}
+    singles = [rows["test_tiny"], rows["test_tiny_24"]]
+    best = max(singles, key=lambda r: r["score"])["candidate"]
+    pair = "+".join(sorted((r["candidate"] for r in singles), key=lambda c: -rows[c]["score"]))
+    assert rows[pair]["status"] == "trained" and rows[pair]["scored_by"] == singles[0]["scored_by"]
+    tuned = rows[f"{best} fine-tuned"]
+    assert tuned["status"] == "trained" and tuned["scored_by"] == "validation" and tuned["estimate"] > 0
+    saved = board[0]
+    assert saved["saved"] and sum(bool(r.get("saved")) for r in board) == 1
+    if saved is tuned:  # fine-tuning is kept only when it beats the frozen best on validation
+        assert tuned["val_accuracy"] > max(r["val_accuracy"] for r in board if r is not tuned
+                                           and r["status"] == "trained")
+    assert clf.model_.backbone.name == saved["candidate"].removesuffix(" fine-tuned")
+    assert not any(k in r for r in board for k in ("backbone", "weights", "width"))
+
+
+def test_the_new_candidates_are_skipped_when_their_estimate_does_not_fit(tmp_path, two_tiny, monkeypatch):
+    monkeypatch.setattr(auto, "_finetune_estimate", lambda *a: 1e6)
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    t0 = time.perf_counter()
+    clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS, cache=tmp_path / "c",
+                          candidates=two_tiny)
+    assert time.perf_counter() - t0 < 600
+    tuned = next(r for r in board if r["candidate"].endswith("fine-tuned"))
+    assert tuned["status"].startswith("skipped: estimated 1000000 s")
+    assert clf.predict(splits.val.paths[0]) in clf.classes_
+
+
+def test_a_fine_tuning_estimate_comes_from_a_timed_step(tmp_path):
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    paths = list(splits.train.paths) + list(splits.val.paths)
+    seconds = auto._finetune_estimate("test_tiny", "imagenet", PARAMS, splits, None, auto._digests(paths))
+    assert 3.0 < seconds < 120.0
+
+
+def test_a_concatenation_is_skipped_with_the_reason_when_the_settings_do_not_apply_to_it(tmp_path, two_tiny):
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS | {"input_size": 32},
+                          cache=tmp_path / "c", candidates=two_tiny)
+    pair = next(r for r in board if "+" in r["candidate"])
+    assert pair["status"].startswith("skipped: ") and "leave --input-size out" in pair["status"]
+    assert any(r["candidate"].endswith("fine-tuned") and r["status"] == "trained" for r in board)

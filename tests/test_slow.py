@@ -85,6 +85,16 @@ def test_best_offline_recipe_beats_the_tutorial(tmp_path):
 
 
 @needs_shared(HYMENOPTERA)
+def test_two_backbones_concatenated_reach_the_defaults_target(tmp_path):
+    clf = headstart.ImageClassifier(backbone="efficientnet_lite0+efficientnet_lite2").fit(HYMENOPTERA)
+    assert [m.data_config.input_size for m in clf.model_.backbone.members] == [(224, 224), (260, 260)]
+    assert clf.metrics_["val"]["accuracy"] >= 0.95  # the target for the default; lite0 alone is below
+    loaded = headstart.load(clf.save(tmp_path / "run"))
+    files = sorted((HYMENOPTERA / "val" / "ants").glob("*"))[:8]
+    np.testing.assert_allclose(loaded.predict_proba(files), clf.predict_proba(files), atol=1e-5)
+
+
+@needs_shared(HYMENOPTERA)
 def test_exported_onnx_model_matches_torch_on_real_photos(tmp_path):
     clf = headstart.ImageClassifier(epochs=15, engine="torch").fit(HYMENOPTERA / "train", val=HYMENOPTERA / "val")
     run = clf.save(tmp_path / "run")

@@ -20,6 +20,7 @@ import torch
 
 from .backbones import registry
 from .backbones.base import EXTRACTION_BATCH, Backbone, create_backbone
+from .backbones.concat import ConcatBackbone, refuse_concatenation
 from .config import BackboneConfig, EngineConfig, HeadConfig, Recipe, SplitConfig, TrainConfig
 from .data.datasets import Dataset, Splits, load_dataset, load_splits, read_path_list, without_paths
 from .data.images import source_name
@@ -29,7 +30,7 @@ from .distributed import join
 from .errors import ConfigError, DatasetError, ImageReadError, NotFittedError
 from .evaluation import classification_metrics
 from .export import OnnxModel, is_onnx_file
-from .features import FeatureCache, cache_key, features_shape
+from .features import FeatureCache, cache_key, features_shape, members
 from .hardware import Hardware, default_threads
 from .heads import Head
 from .label_errors import find_label_errors
@@ -38,7 +39,7 @@ from .predict import Predictor
 from .runfolder import (CHECKPOINTS, bind_checkpoints, check_new_run, check_run_room, remove_checkpoints, replacing_run,
                         writing_run)
 from .runs import RunReport, load_model, save_model, write_history, write_json
-from .training.recipes import TrainResult, feature_pool, find_lr, train_recipe
+from .training.recipes import TrainResult, check_concatenation, feature_pool, find_lr, train_recipe
 
 __all__ = ["ImageClassifier", "load"]
 
@@ -49,7 +50,9 @@ class ImageClassifier:
     """A frozen pretrained backbone with a new head, trained on cached features.
 
     Args:
-        backbone: registry name (``headstart backbones``) or ``timm:<model>``.
+        backbone: registry name (``headstart backbones``) or ``timm:<model>``; several joined by ``+``
+            (``"efficientnet_lite0+efficientnet_lite2"``) concatenate their pooled features (frozen strategies
+            only, each member with its own preprocessing; ``backbones.concat``).
         weights: ``"imagenet"``, a weights file path, or ``None`` (random).
         input_size: image side in pixels; default: the weights' own.
         head: ``"flatten"`` or ``"avg"``; default: the backbone's (VGG: flatten, others: avg).
@@ -90,6 +93,7 @@ class ImageClassifier:
 
     def _configs(self) -> dict:
         """The config dataclasses for the current parameters (``headstart.config``); raises ConfigError."""
+        check_concatenation(self.backbone, self.strategy, self.head, self.input_size, self.weights)
         return {
             "backbone": BackboneConfig(self.backbone, self.weights, self.input_size),
             "head": HeadConfig(self.head, tuple(self.hidden), self.dropout),
@@ -169,9 +173,9 @@ class ImageClassifier:
         splits, excluded = _excluding(splits, self.exclude)
         backbone = create_backbone(self.backbone, self.weights, self.input_size, batch=EXTRACTION_BATCH).freeze()
         log.info("backbone %s (%s), input %s, features %s, strategy %s", backbone.name, backbone.weights_source,
-                 "x".join(map(str, backbone.data_config.input_size)), "x".join(map(str, backbone.feature_shape)),
-                 configs["recipe"].strategy)
-        head = Head(configs["head"].resolved(backbone.entry.default_head), backbone.feature_shape,
+                 " + ".join("x".join(map(str, m.data_config.input_size)) for m in members(backbone)),
+                 "x".join(map(str, backbone.feature_shape)), configs["recipe"].strategy)
+        head = Head(configs["head"].resolved(backbone.default_head), backbone.feature_shape,
                     len(splits.train.classes))
         cache = self._feature_cache()
         if cache is not None:  # a doomed cache fails now, not an hour into extraction
@@ -223,7 +227,8 @@ class ImageClassifier:
         splits = data if isinstance(data, Splits) else load_splits(data, val=val, val_fraction=self.val_fraction,
                                                                     seed=self.seed)
         backbone = create_backbone(self.backbone, self.weights, self.input_size).freeze()
-        head = Head(configs["head"].resolved(backbone.entry.default_head), backbone.feature_shape,
+        refuse_concatenation(backbone, "lr-find")
+        head = Head(configs["head"].resolved(backbone.default_head), backbone.feature_shape,
                     len(splits.train.classes))
         return find_lr(recipe, backbone, splits, head, configs["train"], self._feature_cache(),
                        progress=self.progress, engine=self.engine, hardware=self._hardware())
@@ -403,7 +408,7 @@ class ImageClassifier:
         model, config = load_model(run)
         clf = cls(backbone=config["backbone"]["name"], head=config["head"]["pool"],
                   hidden=tuple(config["head"]["hidden"]), dropout=config["head"]["dropout"],
-                  **_trained_with(config.get("training", {}), model.backbone.data_config.input_size))
+                  **_trained_with(config.get("training", {}), _input_size(model.backbone)))
         clf.model_, clf.classes_ = model, list(model.classes)
         clf.config_ = config
         return clf
@@ -433,10 +438,16 @@ def load(run: str | Path) -> ImageClassifier:
     return ImageClassifier.load(run)
 
 
-def _trained_with(training: dict, input_size: tuple[int, int]) -> dict:
+def _input_size(backbone) -> tuple[int, int] | None:
+    """A backbone's input size; None for a concatenation, whose members each have their own."""
+    return None if isinstance(backbone, ConcatBackbone) else backbone.data_config.input_size
+
+
+def _trained_with(training: dict, input_size: tuple[int, int] | None) -> dict:
     """The ``ImageClassifier`` parameters a run was trained with, from its config's ``training`` part (older
     runs lack some; those keep their defaults)."""
-    params = {"input_size": input_size[0] if input_size[0] == input_size[1] else tuple(input_size)}
+    params = {"input_size": None if input_size is None
+              else input_size[0] if input_size[0] == input_size[1] else tuple(input_size)}
     if "weights" in training:
         params["weights"] = training["weights"]
     train = dict(training.get("train_config", {}))
@@ -501,6 +512,10 @@ def _check_cache_room(cache: FeatureCache, recipe: Recipe, backbone: Backbone, h
     n_images = sum(len(d) * (views if d is splits.train else 1)
                    for d in (splits.train, splits.val, splits.test) if d is not None)
     pool = feature_pool(recipe, head)
+    if isinstance(backbone, ConcatBackbone):  # each member stores its own averages
+        for m in backbone.members:
+            cache.check_room(n_images, features_shape(m, "avg"), cache_key(m, pool="avg"))
+        return
     cache.check_room(n_images, features_shape(backbone, pool), cache_key(backbone, pool=pool))
 
 

@@ -10,11 +10,18 @@ scored by that same choice's score, so the candidates compete on one footing and
 out when it is small. Before a candidate starts, its cost is estimated (the images its cache lacks times the
 time of one forward pass of its backbone, measured, plus the last head selection's time); one that would end
 past the budget is skipped and listed as such. The first candidate always runs, so there is a model to save.
+
+Then two more, under the same rule: the concatenation of the two best backbones (``a+b``, see
+``backbones.concat``; its head selection estimated from theirs, scaled by its width), scored like them; and the
+best backbone fine-tuned (``--strategy finetune``), estimated from its boundary activations still to compute and
+one timed training step, scored on validation and kept only when it beats the best there.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 
 import torch
@@ -22,10 +29,12 @@ import torch
 from .api import ImageClassifier
 from .backbones import registry
 from .backbones.base import create_backbone
-from .config import AutoConfig
+from .backbones.concat import SEPARATOR, is_concatenation, member_names
+from .config import AutoConfig, Recipe
 from .data.datasets import Splits
 from .errors import ConfigError, HeadstartError
 from .features import FeatureCache, cache_key, file_digest
+from .training.finetune import split_backbone
 
 __all__ = ["AutoConfig", "auto_fit", "auto_candidates", "OFFLINE_FAMILY", "format_leaderboard"]
 
@@ -48,64 +57,159 @@ def auto_candidates(backbone: str, weights) -> list[tuple[str, object]]:
 def auto_fit(splits: Splits, auto: AutoConfig, params: dict, *, cache=True,
              candidates: list[tuple[str, object]] | None = None) -> tuple[ImageClassifier, list[dict]]:
     """Train every affordable candidate on ``splits`` with ``params`` (``ImageClassifier`` arguments; backbone and
-    weights are the candidate's); returns the best classifier and the leaderboard (best first, then skipped).
-    ``candidates``: ``(backbone, weights)`` pairs instead of ``auto_candidates``.
+    weights are the candidate's); returns the best classifier and the leaderboard (the saved model first, then
+    the other trained candidates by score, then those skipped). ``candidates``: ``(backbone, weights)`` pairs
+    instead of ``auto_candidates``.
+
+    After the backbones alone: the concatenation of the best two (``a+b``, frozen, its head chosen the same way,
+    so scored on the same footing), then fine-tuning of the best single backbone (``strategy="finetune"``, the
+    learning rate from the range test unless ``params`` give one). Fine-tuning is not cross-validated: it is
+    scored on the validation set and replaces the best model only when its validation accuracy is higher.
 
     Raises:
-        ConfigError: no candidate has its weights here.
+        ConfigError: no candidate has its weights here, or none could be trained with ``params``.
     """
-    t0 = time.perf_counter()
-    budget = auto.seconds()
+    search = _Search(splits, auto, params, cache)
     candidates = candidates or auto_candidates(params.get("backbone", "efficientnet_lite0"),
                                                params.get("weights", "imagenet"))
     if not candidates:
         raise ConfigError("--auto found no backbone with weights available offline; give --weights FILE")
-    feature_cache = FeatureCache.default() if cache is True else FeatureCache(cache) if cache else None
-    paths = list(splits.train.paths) + (list(splits.val.paths) if splits.val is not None else [])
-    digests = _digests(paths)
-    board, best, last_select = [], None, 0.0
-    for i, (name, weights) in enumerate(candidates):
+    for name, weights in candidates:
+        search.frozen(name, weights)
+    singles = sorted((r for r in search.board if r["status"] == "trained" and not is_concatenation(r["backbone"])),
+                     key=lambda r: -r["score"])  # a --backbone a+b given is a candidate, not a member
+    pair = []
+    for r in singles:  # the best two backbones with their own weights (a concatenation takes no weights file)
+        if r["weights"] == "imagenet" and all(r["backbone"] != p["backbone"] for p in pair):
+            pair.append(r)
+    if len(pair) >= 2:
+        pair = pair[:2]
+        search.frozen(SEPARATOR.join(r["backbone"] for r in pair), "imagenet",
+                      select_scale=sum(r["width"] for r in pair) / min(r["width"] for r in pair),
+                      select_seconds=max(r["select_seconds"] for r in pair))
+    if singles:
+        search.finetuned(singles[0]["backbone"], singles[0]["weights"])
+    return search.result()
+
+
+class _Search:
+    """The candidates tried so far: the leaderboard, the best classifier, and the clock against the budget."""
+
+    def __init__(self, splits, auto, params, cache):
+        self.t0 = time.perf_counter()
+        self.budget = auto.seconds()
+        self.splits, self.params, self.cache = splits, params, cache
+        self.feature_cache = FeatureCache.default() if cache is True else FeatureCache(cache) if cache else None
+        paths = list(splits.train.paths) + (list(splits.val.paths) if splits.val is not None else [])
+        self.digests = _digests(paths)
+        self.board: list[dict] = []
+        self.best: tuple[ImageClassifier, dict] | None = None
+        self.last_select = 0.0
+
+    def _left(self) -> float:
+        return self.budget * (1 - _SAVE_RESERVE) - (time.perf_counter() - self.t0)
+
+    def _affordable(self, label: str, estimate_of) -> float | None:
+        """The candidate's estimate when it fits in what is left (the first always does); else a skipped row."""
+        t = time.perf_counter()
+        if self.best is not None and self._left() <= 0:
+            self.board.append({"candidate": label, "status": "skipped: no time left", "seconds": 0.0})
+            return None
+        try:
+            estimate = estimate_of()
+        except HeadstartError as exc:
+            self.board.append({"candidate": label, "status": f"skipped: {exc}", "seconds": 0.0})
+            return None
+        left = self._left()
+        if self.best is not None and estimate > left:
+            self.board.append({"candidate": label, "status": f"skipped: estimated {estimate:.0f} s, {max(left, 0):.0f} "
+                               "s left", "estimate": estimate, "seconds": time.perf_counter() - t})
+            log.info("auto: %s skipped (estimated %.0f s, %.0f s left)", label, estimate, left)
+            return None
+        return estimate
+
+    def frozen(self, name: str, weights, select_scale: float = 1.0, select_seconds: float | None = None) -> None:
+        """A backbone (or a concatenation) with its head chosen by ``training.select``."""
         label = name if weights in ("imagenet", None) else f"{name} ({weights})"
         t = time.perf_counter()
-        left = budget * (1 - _SAVE_RESERVE) - (t - t0)
-        if best is not None and left <= 0:
-            board.append({"candidate": label, "status": "skipped: no time left", "seconds": 0.0})
-            continue
-        try:
-            estimate = _estimate(name, weights, params, feature_cache, digests) + last_select
-        except HeadstartError as exc:
-            board.append({"candidate": label, "status": f"skipped: {exc}", "seconds": 0.0})
-            continue
-        left = budget * (1 - _SAVE_RESERVE) - (time.perf_counter() - t0)
-        if best is not None and estimate > left:
-            board.append({"candidate": label, "status": f"skipped: estimated {estimate:.0f} s, {max(left, 0):.0f} s "
-                          "left", "estimate": estimate, "seconds": time.perf_counter() - t})
-            log.info("auto: %s skipped (estimated %.0f s, %.0f s left)", label, estimate, left)
-            continue
-        clf = ImageClassifier(**(params | {"backbone": name, "weights": weights, "strategy": "frozen",
-                                           "head_search": "auto"}), cache=cache if cache else False)
-        clf.fit(splits)
+        select = (self.last_select if select_seconds is None else select_seconds) * select_scale
+        estimate = self._affordable(label, lambda: sum(_estimate(m, weights, self.params, self.feature_cache,
+                                                                 self.digests) for m in _members(name)) + select)
+        if estimate is None:
+            return
+        clf = self._classifier(label, name=name, weights=weights, strategy="frozen", head_search="auto")
+        if clf is None:
+            return
+        clf.fit(self.splits)
         sel = clf.report_.head_selection or {}
         chosen = sel.get("chosen", {})
-        score = chosen.get("accuracy", clf.metrics_.get("val", {}).get("accuracy", float("nan")))
-        last_select = sel.get("seconds", 0.0)
-        row = {"candidate": label, "head": chosen.get("name", "as configured"), "score": score,
-               "scored_by": sel.get("method", "validation"), "val_accuracy": clf.metrics_.get("val", {}).get("accuracy"),
-               "estimate": estimate, "seconds": time.perf_counter() - t, "status": "trained"}
-        board.append(row)
-        log.info("auto: %s scored %.4f (%s) in %.0f s", label, score, row["head"], row["seconds"])
-        if best is None or _better(row, best[1]):
-            best = (clf, row)
-    trained = sorted((r for r in board if r["status"] == "trained"), key=lambda r: (-r["score"], r["seconds"]))
-    board = trained + [r for r in board if r["status"] != "trained"]
-    clf = best[0]
-    clf.report_.seconds["total"] = time.perf_counter() - t0
-    clf.leaderboard_ = board
-    return clf, board
+        val = clf.metrics_.get("val", {}).get("accuracy")
+        self.last_select = sel.get("seconds", 0.0)
+        row = {"candidate": label, "head": chosen.get("name", "as configured"),
+               "score": chosen.get("accuracy", val if val is not None else float("nan")),
+               "scored_by": sel.get("method", "validation"), "val_accuracy": val, "estimate": estimate,
+               "seconds": time.perf_counter() - t, "status": "trained",
+               # what the concatenation and fine-tuning candidates are built from (dropped from the saved board)
+               "backbone": name, "weights": weights, "width": clf.model_.backbone.num_features,
+               "select_seconds": self.last_select}
+        self._add(clf, row, row["score"] > self.best[1]["score"] + 1e-9 if self.best else True)
+
+    def finetuned(self, name: str, weights) -> None:
+        """The best backbone fine-tuned (``strategy="finetune"``); it must beat the best on validation."""
+        label = f"{name} fine-tuned" + ("" if weights in ("imagenet", None) else f" ({weights})")
+        t = time.perf_counter()
+        estimate = self._affordable(label, lambda: _finetune_estimate(name, weights, self.params, self.splits,
+                                                                      self.feature_cache, self.digests))
+        if estimate is None:
+            return
+        clf = self._classifier(label, name=name, weights=weights, strategy="finetune")
+        if clf is None:
+            return
+        clf.fit(self.splits)
+        val = clf.metrics_.get("val", {}).get("accuracy")
+        found = clf.report_.lr_find
+        row = {"candidate": label, "head": "as configured, then the top layers",
+               "score": val if val is not None else float("nan"), "scored_by": "validation",
+               "val_accuracy": val, "estimate": estimate, "seconds": time.perf_counter() - t, "status": "trained",
+               "finetune_lr": found["used"] if found else clf.finetune_lr, "backbone": name, "weights": weights}
+        best_val = self.best[1].get("val_accuracy") if self.best else None
+        self._add(clf, row, val is not None and (best_val is None or val > best_val + 1e-9))
+
+    def _classifier(self, label: str, name: str, **settings) -> ImageClassifier | None:
+        """The candidate's classifier; None (and a skipped row) when the settings given do not apply to it (a
+        concatenation with --input-size or --head flatten)."""
+        try:
+            return ImageClassifier(**(self.params | {"backbone": name} | settings),
+                                   cache=self.cache if self.cache else False)
+        except ConfigError as exc:
+            self.board.append({"candidate": label, "status": f"skipped: {exc}", "seconds": 0.0})
+            return None
+
+    def _add(self, clf, row: dict, better: bool) -> None:
+        self.board.append(row)
+        log.info("auto: %s scored %.4f (%s) in %.0f s", row["candidate"], row["score"], row["head"], row["seconds"])
+        if better:
+            self.best = (clf, row)
+
+    def result(self) -> tuple[ImageClassifier, list[dict]]:
+        if self.best is None:
+            reasons = "; ".join(f"{r['candidate']}: {r['status']}" for r in self.board)
+            raise ConfigError(f"--auto trained no candidate ({reasons})")
+        clf, saved = self.best
+        trained = sorted((r for r in self.board if r["status"] == "trained" and r is not saved),
+                         key=lambda r: (-r["score"], r["seconds"]))
+        board = [saved | {"saved": True}] + trained + [r for r in self.board if r["status"] != "trained"]
+        board = [{k: v for k, v in r.items() if k not in _INTERNAL} for r in board]
+        clf.report_.seconds["total"] = time.perf_counter() - self.t0
+        clf.leaderboard_ = board
+        return clf, board
 
 
-def _better(row: dict, other: dict) -> bool:
-    return row["score"] > other["score"] + 1e-9
+_INTERNAL = ("backbone", "weights", "width", "select_seconds")
+
+
+def _members(name: str) -> list[str]:
+    return member_names(name) if is_concatenation(name) else [name]
 
 
 def _digests(paths) -> list[str | None]:
@@ -118,26 +222,85 @@ def _digests(paths) -> list[str | None]:
     return out
 
 
+def _missing(cache, digests, *keys) -> int:
+    """How many of ``digests`` are in none of the cache namespaces of ``keys``."""
+    if cache is None:
+        return len(digests)
+    have = set()
+    for key in keys:
+        have |= set(cache.index(FeatureCache.namespace(key), refresh=True))
+    return sum(1 for d in digests if d is None or d not in have)
+
+
+def _per_image(module, input_size) -> float:
+    """Seconds of one forward pass per image, measured on a batch of two (after a first pass)."""
+    x = torch.zeros(2, 3, *input_size)
+    with torch.inference_mode():
+        module(x)  # the first pass pays for allocation
+        t = time.perf_counter()
+        module(x)
+    return (time.perf_counter() - t) / 2
+
+
 def _estimate(name, weights, params, cache, digests) -> float:
     """Seconds a candidate should take: the images its cache lacks times one measured forward pass."""
     bb = create_backbone(name, weights, params.get("input_size")).freeze().eval()
-    if cache is not None:
-        ns = FeatureCache.namespace(cache_key(bb, pool="avg"))
-        maps = FeatureCache.namespace(cache_key(bb))
-        have = set(cache.index(ns, refresh=True)) | set(cache.index(maps, refresh=True))
-        missing = sum(1 for d in digests if d is None or d not in have)
-    else:
-        missing = len(digests)
+    missing = _missing(cache, digests, cache_key(bb, pool="avg"), cache_key(bb))
     if not missing:
         return 0.0
-    h, w = bb.data_config.input_size
-    x = torch.zeros(2, 3, h, w)
-    with torch.inference_mode():
-        bb(x)  # the first pass pays for allocation
-        t = time.perf_counter()
-        bb(x)
-        per_image = (time.perf_counter() - t) / 2
-    return missing * per_image * 1.2 + 3.0  # decoding and the engine's start beside the pass
+    return missing * _per_image(bb, bb.data_config.input_size) * 1.2 + 3.0  # decoding, the engine's start
+
+
+def _finetune_estimate(name, weights, params, splits, cache, digests) -> float:
+    """Seconds fine-tuning should take: the boundary activations the cache lacks (every view of train, and val)
+    times one measured pass of the lower part; then the range test's steps (unless a rate is given) and the
+    fine-tuning epochs' steps times one measured training step of the top and a head, with a pass over val per
+    epoch and the top run once over every view for the head stage."""
+    recipe = Recipe(strategy="finetune", augment=params.get("augment"), views=params.get("views", 5),
+                    unfreeze=params.get("unfreeze"), finetune_epochs=params.get("finetune_epochs", 15),
+                    finetune_lr=params.get("finetune_lr"))
+    bb = create_backbone(name, weights, params.get("input_size")).freeze().eval()
+    lower, upper = split_backbone(bb, recipe.unfreeze or bb.entry.finetune_groups)
+    n_train, n_val = len(splits.train), len(splits.val) if splits.val is not None else 0
+    views = 1 + (recipe.views if recipe.augmentation != "none" else 0)
+    train_digests, val_digests = digests[:n_train], digests[n_train:]  # as ``_Search`` read them
+    passes = (_missing(cache, train_digests, cache_key(lower)) * views + _missing(cache, val_digests,
+                                                                                  cache_key(lower)))
+    extraction = passes * _per_image(lower, bb.data_config.input_size) * 1.2 + (3.0 if passes else 0.0)
+    batch = max(1, min(params.get("batch_size", 32), n_train))
+    step = _step_seconds(upper, lower.feature_shape, bb.num_features, len(splits.train.classes), batch)
+    per_epoch = math.ceil(n_train / batch) + math.ceil(n_val / batch) / 3  # a forward pass is about a third
+    steps = (100 if recipe.finetune_lr is None else 0) + recipe.finetune_epochs * per_epoch
+    top_once = (views * n_train + n_val) / batch / 3
+    bb.freeze()
+    return (extraction + (steps + top_once) * step) * 1.2 + 3.0
+
+
+def _step_seconds(upper, boundary_shape, num_features, num_classes, batch) -> float:
+    """One AdamW step (forward, backward, update) of ``upper`` and a linear head on ``batch`` activations, timed
+    after a first one; the weights are put back."""
+    head = torch.nn.Linear(num_features, num_classes)
+    model = torch.nn.Sequential(upper, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+    saved = copy.deepcopy(upper.state_dict())
+    for p in upper.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x, y = torch.randn(batch, *boundary_shape), torch.zeros(batch, dtype=torch.long)
+    model.train()
+    try:
+        seconds = []
+        for _ in range(2):
+            t = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            seconds.append(time.perf_counter() - t)
+    finally:
+        upper.load_state_dict(saved)
+        for p in upper.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return seconds[-1]
 
 
 def format_leaderboard(board: list[dict]) -> list[str]:

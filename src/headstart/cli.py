@@ -175,11 +175,13 @@ def _cmd_summary(args) -> None:
     from .backbones.base import create_backbone
     from .heads import Head, HeadConfig
     from .model import ImageModel
+    from .backbones.concat import refuse_concatenation
     from .summary import summary
 
     # shapes and counts do not depend on the weights' values: only a named file is read (its JSON may set the
     # input size), and no weight source is asked, so a summary never waits on the network
     bb = create_backbone(args.backbone, weights=args.weights or None, input_size=args.input_size)
+    refuse_concatenation(bb, "headstart summary")
     if args.frozen:
         bb.freeze()
     model = bb

@@ -138,7 +138,8 @@ class DataConfig:
 class BackboneConfig:
     """Which backbone, with which weights, at which input size."""
 
-    backbone: str = option("efficientnet_lite0", "registry name (`headstart backbones`) or timm:<model>")
+    backbone: str = option("efficientnet_lite0", "registry name (`headstart backbones`) or timm:<model>; several "
+                           "joined by + (efficientnet_lite0+efficientnet_lite2) concatenate their features")
     weights: str | None = option("imagenet", "weights file (safetensors or a PyTorch state dict), or imagenet: from "
                                  "a package or the hub", metavar="FILE")
     input_size: int | None = option(None, "image side in pixels (default: the weights' own)", type=int)

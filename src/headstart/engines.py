@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backbones.concat import ConcatBackbone
 from .backbones.weights import state_digest
 from .cache import FeatureCache
 from .config import ENGINES
@@ -31,7 +32,7 @@ from .errors import ConfigError, EngineError
 from .hardware import Hardware, default_threads
 from .io import atomic_write
 
-__all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "make_runner", "run_batches",
+__all__ = ["ENGINES", "EngineError", "TorchRunner", "OnnxRunner", "LazyRunner", "ConcatRunner", "lazy_runner", "make_runner", "run_batches",
            "export_onnx", "backbone_onnx_path", "onnx_session", "set_torch_threads"]
 
 log = logging.getLogger("headstart")
@@ -360,3 +361,26 @@ class LazyRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._made()(x)
+
+
+class ConcatRunner:
+    """One ``LazyRunner`` per member of a ``ConcatBackbone`` (``members``, which ``extract_features`` uses);
+    called on one prepared tensor per member, it returns their joined features."""
+
+    def __init__(self, backbone: ConcatBackbone, engine: str = "auto", batch_size: int = 32, **kwargs):
+        self.backbone = backbone
+        self.members = [LazyRunner(m, engine, batch_size, **kwargs) for m in backbone.members]
+
+    @property
+    def engine(self) -> str | None:
+        engines = [r.engine for r in self.members]
+        return None if all(e is None for e in engines) else "+".join(str(e) for e in engines)
+
+    def __call__(self, images) -> torch.Tensor:
+        return self.backbone.join([r(x) for r, x in zip(self.members, images)])
+
+
+def lazy_runner(backbone, engine: str = "auto", batch_size: int = 32, **kwargs):
+    """``LazyRunner`` for a backbone (or a feature source), ``ConcatRunner`` for a concatenation."""
+    kind = ConcatRunner if isinstance(backbone, ConcatBackbone) else LazyRunner
+    return kind(backbone, engine, batch_size, **kwargs)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .backbones.concat import refuse_concatenation
 from .config import EXPLAIN_METHODS
 from .data.images import ImageSource, load_pixels, source_name
 from .data.transforms import decode_size, resize_for, to_tensor
@@ -75,6 +76,7 @@ def _image_model(model) -> ImageModel:
         model._check()
         model = model.model_
     if isinstance(model, ImageModel):
+        refuse_concatenation(model.backbone, "headstart explain")
         return model
     if hasattr(model, "path") and hasattr(model, "backbone_identity"):  # an exported OnnxModel
         raise ConfigError(f"{model.path} is an exported ONNX model, which has no gradients to explain with; pass "

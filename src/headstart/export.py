@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .backbones.concat import refuse_concatenation
 from .cache import FeatureCache
 from .config import DataConfig, checked_classes
 from .engines import OnnxRunner, export_onnx
@@ -55,7 +56,9 @@ def export_onnx_model(model, out: str | Path, *, check: bool = True) -> Path:
 
     Raises:
         EngineError: the graph cannot be exported, or the exported graph disagrees with torch.
+        ConfigError: a concatenated backbone (not exported).
     """
+    refuse_concatenation(model.backbone, "headstart export")
     out = Path(out)
     model = model.eval()
     meta = {

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones.base import EXTRACTION_BATCH
+from .backbones.concat import ConcatBackbone
 from .cache import ENTRY_FORMAT, FeatureCache, entry_bytes
 from .data.images import ImageSource, content_digest, read_source, source_name
 from .data.pipeline import decoded_batches, default_decode_threads, map_ahead
@@ -33,7 +34,7 @@ from .hardware import default_threads
 from .protocols import FeatureSource, Runner, Transform
 
 __all__ = ["FeatureCache", "Extraction", "extract_features", "file_digest", "entry_bytes", "cache_key",
-           "features_shape", "POOLINGS"]
+           "features_shape", "POOLINGS", "members"]
 
 log = logging.getLogger("headstart")
 
@@ -43,6 +44,11 @@ POOLINGS = (None, "avg")  # what a cache entry holds: the whole feature map, or 
 def file_digest(path: str | Path) -> str:
     """The content digest of an image file (the image part of a cache key)."""
     return content_digest(read_source(path))
+
+
+def members(source) -> list:
+    """The backbones that extraction runs for ``source``: a concatenation's members, else ``source`` alone."""
+    return list(source.members) if isinstance(source, ConcatBackbone) else [source]
 
 
 def cache_key(source: FeatureSource, view: dict | None = None, pool: str | None = None) -> dict:
@@ -102,11 +108,24 @@ def extract_features(
     each feature map's average over positions, ``(C,)``: all an averaging head reads; averages are also served
     from maps an earlier run stored.
 
+    A ``ConcatBackbone`` runs each member with its own transform and cache entries (its averages), and the
+    features are the members' joined (``ConcatBackbone.join``) for the images every member read; ``transform``
+    is then one per member (default: each member's eval transform), ``runner`` a ``ConcatRunner``, and
+    ``computed`` and ``cached`` count the images of every member.
+
     Raises:
         ConfigError: an unknown ``pool`` or ``engine``. EngineError: ``engine="onnx"`` cannot run ``source``.
     """
     if pool not in POOLINGS:
         raise ConfigError(f"pool {pool!r} is not one of {POOLINGS}")
+    if isinstance(source, ConcatBackbone):
+        transforms = transform or [None] * len(source.members)
+        runners = runner.members if runner is not None else [None] * len(source.members)
+        parts = [extract_features(m, images, cache, transform=t, batch_size=batch_size, runner=r, engine=engine,
+                                  threads=threads, decode_threads=decode_threads, progress=progress,
+                                  desc=f"{desc} ({m.name})", pool="avg", names=names)
+                 for m, t, r in zip(source.members, transforms, runners)]
+        return _joined(parts)
     threads = threads or default_threads()
     job = _Job(source, images, cache, transform or EvalTransform(source.data_config), pool, batch_size,
                names, progress, desc)
@@ -121,6 +140,23 @@ def extract_features(
         hashing.shutdown(wait=True, cancel_futures=True)
         job.bar.close()
     return job.result()
+
+
+def _joined(parts: list[Extraction]) -> Extraction:
+    """The members' extractions as one: features joined for the images read by every member."""
+    ok = sorted(set.intersection(*(set(ex.ok) for ex in parts)))
+    rows = []
+    for ex in parts:
+        where = {i: j for j, i in enumerate(ex.ok)}
+        rows.append(ex.features[[where[i] for i in ok]])
+    failed = {}
+    for ex in parts:
+        failed |= {i: r for i, r in ex.failed.items() if i not in failed}
+    first = parts[0]
+    errors = list(first.errors) + [e for ex in parts[1:] for e in ex.errors if e not in first.errors]
+    return Extraction(ConcatBackbone.join(rows), ok, errors, dict(sorted(failed.items())), first.digests,
+                      sum(ex.computed for ex in parts), sum(ex.cached for ex in parts),
+                      [r for ex in parts for r in ex.recomputed])
 
 
 class _Job:

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone
+from .backbones.concat import ConcatBackbone
 from .cache import FeatureCache
-from .engines import LazyRunner
+from .engines import lazy_runner
 from .hardware import Hardware
 from .heads import Head
 from .protocols import Runner
@@ -24,7 +25,7 @@ __all__ = ["ImageModel"]
 class ImageModel(nn.Module):
     """``forward(images) -> logits``; ``classes`` in index order."""
 
-    def __init__(self, backbone: Backbone, head: Head, classes: list[str]):
+    def __init__(self, backbone: Backbone | ConcatBackbone, head: Head, classes: list[str]):
         super().__init__()
         if len(classes) != head.num_classes:
             raise ValueError(f"{len(classes)} class names for a head with {head.num_classes} outputs")
@@ -37,10 +38,11 @@ class ImageModel(nn.Module):
 
     @property
     def data_config(self):
+        """The backbone's preprocessing (a concatenation has none of its own: ConfigError)."""
         return self.backbone.data_config
 
     @property
-    def feature_source(self) -> Backbone:
+    def feature_source(self) -> Backbone | ConcatBackbone:
         return self.backbone
 
     @property
@@ -49,8 +51,9 @@ class ImageModel(nn.Module):
 
     def make_runner(self, engine: str = "auto", batch_size: int = 32, *, hardware: Hardware | None = None,
                     cache: FeatureCache | None = None) -> Runner:
-        """The backbone's engine (``headstart.engines``), built on its first batch."""
-        return LazyRunner(self.backbone, engine, batch_size, hardware=hardware, cache=cache)
+        """The backbone's engine (``headstart.engines``; one per member of a concatenation), built on its first
+        batch."""
+        return lazy_runner(self.backbone, engine, batch_size, hardware=hardware, cache=cache)
 
     def scores(self, features: torch.Tensor) -> np.ndarray:
         """Class probabilities ``(N, classes)`` from the backbone's features."""

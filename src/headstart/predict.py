@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .backbones.concat import ConcatBackbone, refuse_concatenation
 from .cache import FeatureCache
 from .data.augment import FlipView
 from .data.images import ImageSource, load_pixels, source_name
@@ -65,8 +66,12 @@ class Predictor:
         return self.model.classes
 
     def _views(self) -> list:
-        cfg = self.model.data_config
-        return [EvalTransform(cfg), FlipView(cfg)] if self.tta else [EvalTransform(cfg)]
+        """The transforms of each view; for a concatenation, each view is one transform per member."""
+        kinds = (EvalTransform, FlipView) if self.tta else (EvalTransform,)
+        source = self.model.feature_source
+        if isinstance(source, ConcatBackbone):
+            return [[kind(cfg) for cfg in source.data_configs] for kind in kinds]
+        return [kind(self.model.data_config) for kind in kinds]
 
     def probabilities(self, images: Sequence[ImageSource], cache: FeatureCache | None = None, progress=None,
                       names: Sequence[str] | None = None):
@@ -132,7 +137,9 @@ class Predictor:
 
         Raises:
             ImageReadError: not a readable image (the reason says why).
+            ConfigError: a concatenated model (each member prepares images its own way).
         """
+        refuse_concatenation(self.model.feature_source, "serving prepared batches (headstart serve)")
         pixels = load_pixels(image, min_size=decode_size(self.model.data_config), name=name)
         return EvalTransform(self.model.data_config)(pixels)
 

@@ -1,7 +1,10 @@
 """The run folder: a trained model as safetensors + readable JSON, and loading it back without executing code.
 
-    RUN/model.safetensors   backbone + head weights
+    RUN/model.safetensors   backbone + head weights (every member's, for a concatenation)
     RUN/config.json         backbone identity and weights digest, data config, classes, head, training
+
+A concatenated backbone (``a+b``) records each member's identity (with its data config) under
+``backbone.members``, and ``data_config`` is then the list of the members' data configs, in member order.
     RUN/metrics.json        validation (and test) metrics
     RUN/history.csv         one row per epoch
     RUN/data.json           how the data was split, files skipped or ignored, warnings
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .backbones.base import create_backbone
+from .backbones.concat import ConcatBackbone, is_concatenation
 from .backbones.weights import state_digest
 from .config import ConfigError, DataConfig, HeadConfig, checked_classes
 from .errors import HeadstartError, RunFormatError, StorageError
@@ -99,8 +103,9 @@ def save_model(model: ImageModel, out: str | Path, training: dict | None = None)
         "format": "headstart-model",
         "format_version": FORMAT_VERSION,
         "headstart_version": __version__,
-        "backbone": bb.identity() | {"weights_digest": state_digest(bb.body.state_dict())},
-        "data_config": bb.data_config.to_dict(),
+        "backbone": _identity(bb),
+        "data_config": ([c.to_dict() for c in bb.data_configs] if isinstance(bb, ConcatBackbone)
+                        else bb.data_config.to_dict()),
         "classes": model.classes,
         "head": model.head.config.to_dict(),
         "training": training or {},
@@ -114,6 +119,16 @@ def save_model(model: ImageModel, out: str | Path, training: dict | None = None)
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
     write_json(out / CONFIG_FILE, config)
     return out
+
+
+def _identity(bb) -> dict:
+    """The backbone's identity, each weights digest taken from the weights being saved."""
+    if isinstance(bb, ConcatBackbone):
+        ident = bb.identity()
+        ident["members"] = [m | {"weights_digest": state_digest(b.body.state_dict())}
+                            for m, b in zip(ident["members"], bb.members)]
+        return ident
+    return bb.identity() | {"weights_digest": state_digest(bb.body.state_dict())}
 
 
 def read_config(run: str | Path) -> dict:
@@ -142,11 +157,13 @@ def _checked_format(config, run: Path, path: Path) -> dict:
 _MAX_SIDE = 4096  # a probe pass runs at the input size: a crafted config must not make it huge
 
 
-def _check_sizes(run: Path, data_config: DataConfig, head_cfg: HeadConfig, classes: list, state: dict) -> None:
+def _check_sizes(run: Path, data_config: DataConfig | list[DataConfig], head_cfg: HeadConfig, classes: list,
+                 state: dict) -> None:
     """Refuse, before anything is allocated, a config whose sizes are absurd or disagree with the weights."""
-    if not all(isinstance(s, int) and 1 <= s <= _MAX_SIDE for s in data_config.input_size):
-        raise RunFormatError(f"{str(run / CONFIG_FILE)!r} asks for input size {data_config.input_size}; expected "
-                             f"sides from 1 to {_MAX_SIDE}. The config was altered; retrain or restore the run.")
+    for dc in data_config if isinstance(data_config, list) else [data_config]:
+        if not all(isinstance(s, int) and 1 <= s <= _MAX_SIDE for s in dc.input_size):
+            raise RunFormatError(f"{str(run / CONFIG_FILE)!r} asks for input size {dc.input_size}; expected sides "
+                                 f"from 1 to {_MAX_SIDE}. The config was altered; retrain or restore the run.")
     widths = [*head_cfg.hidden, len(classes)]
     names = [*(f"head.layers.dense_{i}.weight" for i in range(len(head_cfg.hidden))), "head.layers.predictions.weight"]
     for name, width in zip(names, widths):
@@ -194,13 +211,27 @@ def _parsed(config: dict, where: str):
         if not isinstance(bb_cfg, dict) or not isinstance(bb_cfg.get("name"), str):
             raise ConfigError(f"backbone.name must be a backbone's name, got {bb_cfg!r}")
         classes = checked_classes(config["classes"], "classes")
-        if not isinstance(config["data_config"], dict) or not isinstance(config["head"], dict):
-            raise ConfigError("data_config and head must be objects")
-        data_config = DataConfig.from_dict(config["data_config"])
+        if not isinstance(config["head"], dict):
+            raise ConfigError("head must be an object")
+        data_config = _data_configs(bb_cfg, config["data_config"])
         head_cfg = HeadConfig.from_dict(config["head"])
     except (KeyError, TypeError, ValueError) as exc:
         raise RunFormatError(f"{where} lacks or garbles a field ({exc}); retrain or restore the run") from exc
     return bb_cfg, classes, data_config, head_cfg
+
+
+def _data_configs(bb_cfg: dict, data_config) -> DataConfig | list[DataConfig]:
+    """One data config, or for a concatenation one per member (as many as ``backbone.members`` records)."""
+    if not is_concatenation(bb_cfg["name"]):
+        if not isinstance(data_config, dict):
+            raise ConfigError("data_config must be an object")
+        return DataConfig.from_dict(data_config)
+    members = bb_cfg.get("members")
+    if (not isinstance(data_config, list) or not isinstance(members, list) or len(members) != len(data_config)
+            or not all(isinstance(d, dict) for d in data_config) or not all(isinstance(m, dict) for m in members)):
+        raise ConfigError(f"a concatenation ({bb_cfg['name']}) needs backbone.members and a data_config list, one "
+                          "object per member")
+    return [DataConfig.from_dict(d) for d in data_config]
 
 
 _BOUND = ("backbone", "classes", "data_config", "head")  # what a prediction depends on
@@ -260,11 +291,20 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
         raise RunFormatError(f"the weights in {str(run)!r} do not match its config ({str(exc)[:300]})") from exc
     except HeadstartError as exc:
         raise RunFormatError(f"cannot rebuild the model in {str(run)!r}: {exc}") from exc
-    digest = state_digest(backbone.body.state_dict())
-    if digest != bb_cfg.get("weights_digest"):
-        raise RunFormatError(f"the backbone weights in {str(run)!r} (digest {digest}) are not those its config "
-                             f"records ({bb_cfg.get('weights_digest')}); the run was altered or mixed up")
-    backbone.weights_digest = digest
-    backbone.weights_source = bb_cfg.get("weights_source", "run")
+    if isinstance(backbone, ConcatBackbone):
+        for member, recorded in zip(backbone.members, bb_cfg["members"]):
+            _check_weights(run, member, recorded)
+    else:
+        _check_weights(run, backbone, bb_cfg)
     model.eval()
     return model, config
+
+
+def _check_weights(run: Path, backbone, recorded: dict) -> None:
+    """Refuse backbone weights other than those the config records; give the backbone its recorded identity."""
+    digest = state_digest(backbone.body.state_dict())
+    if digest != recorded.get("weights_digest"):
+        raise RunFormatError(f"the backbone weights in {str(run)!r} (digest {digest}) are not those its config "
+                             f"records ({recorded.get('weights_digest')}); the run was altered or mixed up")
+    backbone.weights_digest = digest
+    backbone.weights_source = recorded.get("weights_source", "run")

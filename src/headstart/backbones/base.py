@@ -15,6 +15,7 @@ from torch import nn
 from .. import hardware
 from ..errors import ConfigError, WeightsUnavailableError
 from . import registry
+from .concat import ConcatBackbone, is_concatenation, member_names
 from .registry import BackboneEntry, DataConfig
 from .weights import match_state_dict, read_preprocessing_json, read_weights_file, state_digest
 
@@ -52,6 +53,11 @@ class Backbone(nn.Module):
             body.train(was_training)
         self.feature_shape = tuple(probe.shape[1:])
         self.num_features = self.feature_shape[0]
+
+    @property
+    def default_head(self) -> str:
+        """The head's pooling when none is given (VGG: flatten, others: avg)."""
+        return self.entry.default_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(N, 3, H, W)``, normalised per ``data_config`` -> feature map ``(N, C, h, w)``."""
@@ -101,9 +107,9 @@ def create_backbone(
     weights: str | Path | None = "imagenet",
     input_size: int | tuple[int, int] | None = None,
     include_top: bool = False,
-    data_config: DataConfig | None = None,
+    data_config: DataConfig | list[DataConfig] | None = None,
     batch: int = 1,
-) -> Backbone:
+) -> Backbone | ConcatBackbone:
     """Build a registered backbone, Keras-style.
 
     Args:
@@ -113,13 +119,19 @@ def create_backbone(
             random initialisation.
         input_size: square side or ``(h, w)``; defaults to the weights' own.
         include_top: keep the ImageNet classifier (EfficientNet / timm models only).
-        data_config: overrides the preprocessing entirely (used when loading a saved model).
+        data_config: overrides the preprocessing entirely (used when loading a saved model); for a
+            concatenation, a list with one per member.
         batch: the images one forward pass will take; above the weights' own input size, the memory that
             needs is estimated and checked before anything of that size is allocated.
+
+    ``name`` may join several backbones with ``+`` (``efficientnet_lite0+efficientnet_lite2``): the result is
+    a ``ConcatBackbone`` of the members, each with its own weights (``"imagenet"`` or ``None``) and preprocessing.
 
     Raises:
         UnknownBackboneError, WeightsUnavailableError, WeightsMismatchError, ConfigError.
     """
+    if is_concatenation(name):
+        return _concatenation(name, weights, input_size, include_top, data_config)
     entry = registry.get(name)
     cfg = data_config or entry.data_config
     state, source = None, "random"
@@ -145,6 +157,24 @@ def create_backbone(
         body.load_state_dict(match_state_dict(body.state_dict(), state, f"{name} weights from {source}"),
                              strict=False)
     return Backbone(entry, body, cfg, source, include_top=include_top)
+
+
+def _concatenation(name, weights, input_size, include_top, data_configs) -> ConcatBackbone:
+    names = member_names(name)
+    for member in names:
+        registry.get(member)  # an unknown member fails before any weights load
+    if weights is not None and str(weights) != "imagenet":
+        raise ConfigError(f"--weights {weights} names one backbone's weights, and {name!r} concatenates "
+                          f"{len(names)}: each member takes its own ImageNet weights. Leave --weights out (or use "
+                          "--random-init)")
+    if input_size is not None:
+        raise ConfigError(f"each member of {name!r} reads images at its own size; leave --input-size out")
+    if include_top:
+        raise ConfigError(f"{name!r} is a concatenation of backbones without their tops; include_top=False only")
+    if data_configs is not None and len(data_configs) != len(names):
+        raise ConfigError(f"{len(data_configs)} data configs for the {len(names)} members of {name!r}")
+    configs = data_configs if data_configs is not None else [None] * len(names)
+    return ConcatBackbone([create_backbone(n, weights, data_config=c) for n, c in zip(names, configs)])
 
 
 def _from_sources(entry: BackboneEntry) -> tuple[dict, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
+from ..backbones.concat import ConcatBackbone
 from ..data.datasets import Dataset
 from ..errors import RunFormatError
 from ..io import atomic_write, write_text
@@ -97,8 +98,13 @@ def _heatmaps(classifier: _Classifier, rows: list[dict], n: int) -> list:
     for an image it could not explain. A failure costs the heatmaps only, never the report."""
     from ..explain import explain, overlay
 
+    clf = classifier()
+    if isinstance(clf.model_.feature_source, ConcatBackbone):
+        log.info("the report has no heatmaps: explain takes one backbone, and %s concatenates several",
+                 clf.model_.feature_source.name)
+        return []
     try:
-        found = explain(classifier(), [Path(r["path"]) for r in rows[:n]])
+        found = explain(clf, [Path(r["path"]) for r in rows[:n]])
     except Exception as exc:  # noqa: BLE001 - the report is still worth having without its heatmaps
         log.warning("the report has no heatmaps (%s: %s)", type(exc).__name__, " ".join(str(exc).split())[:300])
         return []

@@ -28,7 +28,9 @@ def _head(head: dict) -> str:
     return text + ", then the classifier"
 
 
-def _data_config(dc: dict) -> str:
+def _data_config(dc: dict | list) -> str:
+    if isinstance(dc, list):  # a concatenation: one per member
+        return "; ".join(f"member {i + 1}: {_data_config(d)}" for i, d in enumerate(dc))
     size = "x".join(map(str, dc.get("input_size", [])))
     mean = ", ".join(f"{v:g}" for v in dc.get("mean", []))
     std = ", ".join(f"{v:g}" for v in dc.get("std", []))

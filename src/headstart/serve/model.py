@@ -20,6 +20,7 @@ import torch
 
 from .._version import __version__
 from ..api import load
+from ..backbones.concat import refuse_concatenation
 from ..errors import RunFormatError
 from ..export import is_onnx_file
 
@@ -37,6 +38,7 @@ class ServedModel:
     def __init__(self, classifier, name: str, metrics: dict | None):
         self.name = name
         self.classes = list(classifier.classes_)
+        refuse_concatenation(classifier.model_.feature_source, "headstart serve")
         self.predictor = classifier.predictor()
         self.data_config = self.predictor.model.data_config
         self._config, self._metrics = classifier.config_, metrics

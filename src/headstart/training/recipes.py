@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.concat import ConcatBackbone, is_concatenation, member_names
 from ..backbones.weights import state_digest
 from ..data.augment import AugmentedView, preset
 from ..config import STRATEGIES, Recipe, TrainConfig
 from ..distributed import SINGLE, Distributed
-from ..errors import DatasetError
-from ..engines import LazyRunner
+from ..errors import ConfigError, DatasetError
+from ..engines import LazyRunner, lazy_runner
 from ..hardware import Hardware
 from ..features import extract_features
 from ..heads import Head
@@ -31,7 +32,7 @@ from .select import can_select, select_head
 from .spread import spread_extraction
 from .steps import check_batch
 
-__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "feature_pool", "find_lr", "FALLBACK_LR"]
+__all__ = ["Recipe", "STRATEGIES", "TrainResult", "train_recipe", "check_concatenation", "feature_pool", "find_lr", "FALLBACK_LR"]
 
 log = logging.getLogger("headstart")
 
@@ -88,6 +89,8 @@ def _augmented(source, recipe, seed) -> list[AugmentedView]:
     aug = preset(recipe.augmentation)
     if aug is None or recipe.strategy == "frozen":
         return []
+    if isinstance(source, ConcatBackbone):  # each member's own view of the same draw
+        return [[AugmentedView(m.data_config, aug, v, seed) for m in source.members] for v in range(recipe.views)]
     return [AugmentedView(source.data_config, aug, v, seed) for v in range(recipe.views)]
 
 
@@ -111,12 +114,13 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     process would, and the other ranks return None; fine-tuning runs on every rank (``loop.Trainer``)."""
     hardware = hardware or Hardware()
     t_start = time.perf_counter()
+    check_concatenation(backbone.name, recipe.strategy, head.config.pool)  # sizes and weights: create_backbone
     source, upper = backbone, None
     if recipe.strategy == "finetune":
         source, upper = split_backbone(backbone, recipe.unfreeze or backbone.entry.finetune_groups)
         log.info("fine-tuning %s; cached activations at the boundary %s", ", ".join(upper.names),
                  "x".join(map(str, source.feature_shape)))
-    runner = LazyRunner(source, engine, cache=cache, hardware=hardware)
+    runner = lazy_runner(source, engine, cache=cache, hardware=hardware)
     pool = feature_pool(recipe, head)
     spread = None
     if dist.active:
@@ -170,6 +174,32 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
                        base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
                        seconds, selection, found.to_dict() | {"used": lr} if found is not None else None)
+
+
+def check_concatenation(backbone: str, strategy: str, pool: str | None, input_size=None,
+                        weights="imagenet") -> None:
+    """Refuse what a concatenation (``a+b``) cannot train: fine-tuning, a flattening head, one input size or one
+    weights file for all its members.
+
+    Raises:
+        ConfigError: an empty member (``a+``), or one of those for a concatenated ``backbone``.
+    """
+    if not is_concatenation(backbone):
+        return
+    first = member_names(backbone)[0]
+    if strategy == "finetune":
+        raise ConfigError(f"--strategy finetune trains one backbone's top layers, and {backbone!r} concatenates "
+                          "several: a concatenation trains its head on frozen features. Use --strategy frozen (or "
+                          f"frozen-aug), or fine-tune one member: --backbone {first} --strategy finetune")
+    if pool == "flatten":
+        raise ConfigError(f"--head flatten keeps each feature map whole, and {backbone!r} joins the members' pooled "
+                          "features; use --head avg (a concatenation's default)")
+    if input_size is not None:
+        raise ConfigError(f"each member of {backbone!r} reads images at its own size; leave --input-size out")
+    if weights is not None and str(weights) != "imagenet":
+        raise ConfigError(f"--weights {weights} names one backbone's weights, and {backbone!r} concatenates "
+                          "several: each member takes its own ImageNet weights. Leave --weights out (or use "
+                          "--random-init)")
 
 
 def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -> dict[str, tuple[int, int]]:
