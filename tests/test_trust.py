@@ -4,6 +4,7 @@ are read as written, a run is one consistent thing, and the output's disk is mea
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -501,3 +502,65 @@ def test_photos_swapped_while_training_never_poison_the_cache(tmp_path):
                 checked += 1
                 poisoned += not torch.allclose(served.features, fresh.features, atol=1e-5)
     assert checked > 0 and poisoned == 0, f"{poisoned} of {checked} entries hold another content's features"
+
+
+# -- item 3: special files never hang a command -------------------------------------------------------------
+@pytest.fixture
+def alarm():
+    """Fail a call that blocks (a FIFO opened for reading waits for a writer) instead of hanging the suite."""
+    import signal
+
+    def ring(_signum, _frame):
+        raise TimeoutError("blocked on a special file for 20 s")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_predict_on_a_folder_with_a_fifo_and_links_to_devices_skips_them_and_predicts_the_rest(trained, tmp_path,
+                                                                                                  capsys, alarm):
+    _, data, run = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(next((data / "val" / "red").iterdir()), folder / "photo.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    (folder / "random.jpg").symlink_to("/dev/urandom")
+    assert main(["predict", str(run), str(folder), "--format", "json"]) == 0
+    rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["photo.png"].get("error") is None and rows["photo.png"]["label"] in ("blue", "red")
+    for name in ("pipe.png", "zero.jpg", "random.jpg"):
+        assert "not a regular file" in rows[name]["error"], rows[name]
+
+
+def test_a_csv_row_naming_a_device_is_skipped_with_the_reason(tmp_path, capsys, alarm):
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    rows = [f"{p},{p.parent.name}" for p in sorted((data / "train").rglob("*.png"))] + ["/dev/zero,red"]
+    (tmp_path / "data.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    assert main(["train", str(tmp_path / "data.csv"), "--out", str(tmp_path / "run"), *FAST_CLI,
+                 "--no-report"]) == 0
+    skipped = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert "/dev/zero" in json.dumps(skipped) and "not a regular file" in json.dumps(skipped)
+
+
+def test_a_run_whose_weights_are_a_fifo_is_one_line(trained, tmp_path):
+    # in a child process: a read blocked inside safetensors' native code does not see an alarm
+    import subprocess
+    import sys
+
+    _, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "model.safetensors").unlink()
+    os.mkfifo(copy / "model.safetensors")
+    image = next((data / "val" / "red").iterdir())
+    try:
+        done = subprocess.run([sys.executable, "-m", "headstart", "predict", str(copy), str(image)],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("predict blocked on a run whose model.safetensors is a FIFO")
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and err[-1].startswith("error: ") and "model.safetensors" in err[-1], err
