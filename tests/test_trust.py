@@ -564,3 +564,17 @@ def test_a_run_whose_weights_are_a_fifo_is_one_line(trained, tmp_path):
         pytest.fail("predict blocked on a run whose model.safetensors is a FIFO")
     err = done.stderr.strip().splitlines()
     assert done.returncode == 1 and err[-1].startswith("error: ") and "model.safetensors" in err[-1], err
+
+
+# -- item 10: small inputs that would cost gigabytes -------------------------------------------------------
+def test_a_jpeg_followed_by_a_gigabyte_of_trailing_bytes_is_refused_from_its_size(trained, tmp_path, capsys):
+    _, data, run = trained
+    photo = tmp_path / "padded.jpg"
+    make_image(photo, (200, 30, 30), fmt="JPEG")
+    with open(photo, "r+b") as f:
+        f.truncate(2**30)  # sparse: a gigabyte on paper, nothing on the disk
+    assert main(["predict", str(run), str(photo), "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    [row] = json.loads(captured.out)
+    assert "1074 MB" in row["error"] and "HEADSTART_MAX_IMAGE_MB" in row["error"]
+    assert captured.err.strip().splitlines()[-1].startswith("error: ")
