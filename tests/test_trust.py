@@ -578,3 +578,18 @@ def test_a_jpeg_followed_by_a_gigabyte_of_trailing_bytes_is_refused_from_its_siz
     [row] = json.loads(captured.out)
     assert "1074 MB" in row["error"] and "HEADSTART_MAX_IMAGE_MB" in row["error"]
     assert captured.err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_config_naming_a_huge_backbone_the_weights_do_not_hold_is_refused_before_building_it(trained, tmp_path,
+                                                                                                monkeypatch):
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rewrite_config(copy, _set("backbone.name", "timm:vit_huge_patch14_224"))  # 632M parameters, 2.5 GB
+
+    def build(*_args, **_kwargs):
+        raise AssertionError("the backbone was built before its tensors were checked against the weights")
+
+    monkeypatch.setattr("headstart.runs.create_backbone", build)
+    with pytest.raises(headstart.errors.RunFormatError, match="do not hold the backbone its config names"):
+        headstart.load(copy)

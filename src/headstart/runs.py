@@ -21,10 +21,12 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
+from .backbones import registry
 from .backbones.base import create_backbone
 from .backbones.concat import ConcatBackbone, is_concatenation
 from .backbones.weights import state_digest
@@ -282,6 +284,7 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
                         f"with {inside.get(key)!r}; config.json is a readable copy and was edited. Restore it, "
                         "or retrain the run to change it")
     _check_sizes(run, data_config, head_cfg, classes, state)
+    _check_backbone_tensors(run, bb_cfg, data_config, state)
     try:
         backbone = create_backbone(bb_cfg["name"], weights=None, data_config=data_config)
         head = Head(head_cfg, backbone.feature_shape, len(classes))
@@ -298,6 +301,34 @@ def load_model(run: str | Path) -> tuple[ImageModel, dict]:
         _check_weights(run, backbone, bb_cfg)
     model.eval()
     return model, config
+
+
+def _check_backbone_tensors(run: Path, bb_cfg: dict, data_config, state: dict) -> None:
+    """The weights' backbone tensors against the backbone the config names, built on torch's meta device (shapes
+    only): a config naming a large network the weights do not hold is refused before that network is allocated."""
+    name = bb_cfg["name"]
+    if is_concatenation(name):
+        return
+    try:
+        entry = registry.get(name)
+    except HeadstartError as exc:
+        raise RunFormatError(f"cannot rebuild the model in {str(run)!r}: {exc}") from exc
+    try:
+        with torch.device("meta"):
+            body = entry.build(tuple(data_config.input_size), False)
+    except Exception:  # noqa: BLE001 - a network that cannot be built on the meta device: the real build checks
+        return
+    want = {k: tuple(v.shape) for k, v in body.state_dict().items()}
+    prefix = "backbone.body."
+    have = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    if want != have:
+        missing = sorted(set(want) - set(have))
+        other = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        example = (missing or other or sorted(set(have) - set(want)))[0]
+        raise RunFormatError(
+            f"the weights in {str(run)!r} do not hold the backbone its config names ({name}: {len(missing)} of "
+            f"its {len(want)} tensors missing, {len(other)} of another shape, e.g. {example!r}); the config or the "
+            "weights were changed. Restore the run, or retrain it")
 
 
 def _check_weights(run: Path, backbone, recorded: dict) -> None:
