@@ -593,3 +593,12 @@ def test_a_config_naming_a_huge_backbone_the_weights_do_not_hold_is_refused_befo
     monkeypatch.setattr("headstart.runs.create_backbone", build)
     with pytest.raises(headstart.errors.RunFormatError, match="do not hold the backbone its config names"):
         headstart.load(copy)
+
+
+def test_a_damaged_export_is_one_line_that_never_says_to_delete_it(tmp_path, capsys):
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
+    make_image(tmp_path / "x.png", (200, 30, 30))
+    assert main(["predict", str(broken), str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "headstart export" in err[-1] and "delete" not in err[-1], err

@@ -40,6 +40,10 @@ log = logging.getLogger("headstart")
 _EXPORT_VERSION = 1  # bump when the way graphs are exported changes, so cached files are rebuilt
 
 
+# what to do about a graph ONNX Runtime cannot load: one in the engine cache is headstart's own to export again
+CACHE_REMEDY = "delete the file to re-export it, or use --engine torch"
+
+
 def set_torch_threads(threads: int | None = None) -> int:
     """Give torch's intra-op pool ``threads`` (default: the cores this process may use) and tune the allocator
     (``hardware.Hardware.apply``); returns the thread count."""
@@ -110,12 +114,13 @@ class OnnxRunner:
     engine = "onnx"
     read_ahead = True
 
-    def __init__(self, path: str | Path, threads: int | None = None, lanes: int | None = None, output: int = 0):
+    def __init__(self, path: str | Path, threads: int | None = None, lanes: int | None = None, output: int = 0,
+                 remedy: str = CACHE_REMEDY):
         self.path = Path(path)
         threads = threads or default_threads()
         self.lanes = max(1, min(lanes or threads, threads))  # lanes=1: one run at a time on every thread
         self.output = output  # which of the graph's outputs a call returns
-        self.session = onnx_session(path, threads // self.lanes)
+        self.session = onnx_session(path, threads // self.lanes, remedy)
         self.input_name = self.session.get_inputs()[0].name
         self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="headstart-onnx")
 
@@ -178,7 +183,7 @@ def _finished(pending: dict[Future, list[int]]) -> Iterator[tuple[list[int], tor
         yield pending.pop(f), f.result()
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path, threads: int | None = None, remedy: str = CACHE_REMEDY):
     """An ``onnxruntime.InferenceSession`` on the CPU with full graph optimisation and ``threads`` intra-op threads.
 
     Raises:
@@ -200,7 +205,7 @@ def onnx_session(path: str | Path, threads: int | None = None):
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
         raise EngineError(f"ONNX Runtime cannot load {str(path)!r} ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "delete the file to re-export it, or use --engine torch") from exc
+                          f"{remedy}") from exc
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, *, input_name: str = "images",

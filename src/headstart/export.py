@@ -84,6 +84,11 @@ def export_onnx_model(model, out: str | Path, *, check: bool = True) -> Path:
     return out
 
 
+# a user's exported file is theirs: never advise deleting it
+_REMEDY = ("export it again from the run folder it came from (headstart export RUN --out FILE), or predict from "
+           "that run folder")
+
+
 class OnnxModel:
     """An exported model on ONNX Runtime: ``classes``, ``data_config`` from the file's metadata, and
     ``logits(images)`` / ``probabilities(images)`` for normalised image batches.
@@ -104,7 +109,7 @@ class OnnxModel:
         if not self.path.is_file():
             raise RunFormatError(f"{str(self.path)!r} does not exist; pass a file written by `headstart export`")
         self.threads = threads or default_threads()
-        self.runner = OnnxRunner(self.path, self.threads)  # in lanes, as the backbone's engine
+        self.runner = OnnxRunner(self.path, self.threads, remedy=_REMEDY)  # in lanes, as the backbone's engine
         self.session = self.runner.session
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
@@ -161,7 +166,7 @@ class OnnxModel:
         if engine == "torch":
             raise ConfigError(f"{self.path} is an exported ONNX model and runs on ONNX Runtime only; "
                               "drop --engine torch, or predict from the run folder")
-        return OnnxRunner(self.path, hardware.threads if hardware else self.threads, output=1)
+        return OnnxRunner(self.path, hardware.threads if hardware else self.threads, output=1, remedy=_REMEDY)
 
     def scores(self, features: torch.Tensor) -> np.ndarray:
         return features.numpy()

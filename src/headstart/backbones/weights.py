@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -100,9 +101,16 @@ def read_weights_file(path: str | Path) -> dict:
             sd = dict(sorted(load_file(str(path)).items(), key=lambda kv: _positional_key(kv[0])))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False, which would run the code in the file: not ours to give
+        raise WeightsUnavailableError(
+            f"refused to read weights from {str(path)!r}: it holds pickled objects other than tensors, and "
+            "unpickling them could run code from the file; expected a .safetensors file or a PyTorch state dict "
+            "of tensors. Save the state dict of tensors (model.state_dict()) where you trust the file, or use "
+            "--random-init") from exc
     except Exception as exc:
         raise WeightsUnavailableError(
-            f"could not read weights from {str(path)!r} ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"could not read weights from {str(path)!r} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
             "expected a .safetensors file or a PyTorch state dict of tensors"
         ) from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
