@@ -602,3 +602,16 @@ def test_a_damaged_export_is_one_line_that_never_says_to_delete_it(tmp_path, cap
     assert main(["predict", str(broken), str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "headstart export" in err[-1] and "delete" not in err[-1], err
+
+
+def test_a_read_only_cache_that_holds_every_feature_still_trains(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "d", per_class=3, val_per_class=1)
+    cache = tmp_path / "cache"
+    headstart.ImageClassifier(**SAVED | dict(cache=str(cache))).fit(data)
+
+    def read_only(*_args, **_kwargs):  # root writes through chmod, so the refusal is the file system's, modelled
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr("headstart.cache.tempfile.mkstemp", read_only)
+    clf = headstart.ImageClassifier(**SAVED | dict(cache=str(cache))).fit(data)
+    assert sum(clf.report_.backbone_passes.values()) == 0 and sum(clf.report_.from_cache.values()) > 0

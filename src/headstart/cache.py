@@ -258,6 +258,10 @@ class FeatureCache:
             os.unlink(probe)
             free = shutil.disk_usage(self.root).free
         except OSError as exc:
+            if key is not None and n_images == 0:  # a read-only cache that holds every feature serves them all
+                log.info("the feature cache %s cannot be written (%s); it holds every feature this run needs",
+                         self.root, exc.strerror or exc)
+                return
             raise StorageError(f"The feature cache folder {str(self.root)!r} cannot be written "
                                f"({type(exc).__name__}: {exc.strerror or exc}). Point --cache (or $HEADSTART_CACHE) "
                                "to a writable folder, or use --no-cache.") from exc
