@@ -615,3 +615,12 @@ def test_a_read_only_cache_that_holds_every_feature_still_trains(tmp_path, monke
     monkeypatch.setattr("headstart.cache.tempfile.mkstemp", read_only)
     clf = headstart.ImageClassifier(**SAVED | dict(cache=str(cache))).fit(data)
     assert sum(clf.report_.backbone_passes.values()) == 0 and sum(clf.report_.from_cache.values()) > 0
+
+
+def test_a_class_with_no_validation_image_is_warned_about(tmp_path, caplog):
+    data = make_folder(tmp_path / "d", classes=("blue", "green", "red"), per_class=3, val_per_class=1)
+    shutil.rmtree(data / "val" / "green")
+    with caplog.at_level("WARNING", logger="headstart"):
+        headstart.ImageClassifier(**SAVED).fit(data)
+    [warning] = [r.getMessage() for r in caplog.records if "no readable validation image" in r.getMessage()]
+    assert "'green'" in warning and "'blue'" not in warning

@@ -137,6 +137,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
         val = _extract(source, splits.val.paths, cache, progress=progress, desc="val features", runner=runner,
                        pool=pool)
     y_va = splits.val.labels[val.ok] if val is not None else None
+    if y_va is not None:
+        _warn_unmeasured_classes(splits.train.classes, y_tr, y_va)
     t_trained = time.perf_counter()
     top = _Top(upper)
     selection = None
@@ -218,6 +220,16 @@ def _spread(dist, source, splits, recipe, cache, seed, progress, runner, pool) -
         was = totals.get(name, (0, 0))
         totals[name] = (was[0] + c, was[1] + h)
     return totals
+
+
+def _warn_unmeasured_classes(classes: list[str], y_tr: np.ndarray, y_va: np.ndarray) -> None:
+    """Warn about trained classes with no readable validation image: validation cannot measure them, and the
+    best epoch is chosen without them."""
+    missing = sorted(set(y_tr.tolist()) - set(y_va.tolist()))
+    if missing:
+        log.warning("class(es) %s have no readable validation image: their accuracy is not measured and the best "
+                    "epoch is chosen without them; add validation images of them (or let --val-fraction split them)",
+                    [classes[i] for i in missing])
 
 
 def _check_classes_readable(classes: list[str], labels: np.ndarray, n_errors: int) -> None:
