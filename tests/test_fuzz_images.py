@@ -85,7 +85,8 @@ anything = st.one_of(
 )
 
 
-@settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(400), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=anything, ext=st.sampled_from([".jpg", ".png", ".gif"]))
 def test_any_bytes_give_rgb_or_our_error(fuzz_dir, data, ext):
     path = fuzz_dir / f"fuzz{ext}"

@@ -77,6 +77,7 @@ RUN_CASES = {
     "crop_pct -1": _set("data_config.crop_pct", -1),
     "crop_pct NaN": _set("data_config.crop_pct", float("nan")),
     "crop_pct a string": _set("data_config.crop_pct", "0.9"),
+    "crop_pct 1e-12": _set("data_config.crop_pct", 1e-12),  # valid in range, a resize to 3e13 px
     "mean NaN": _set("data_config.mean", [float("nan"), 0.5, 0.5]),
     "std inf": _set("data_config.std", [float("inf"), 0.5, 0.5]),
     "input size 20000": _set("data_config.input_size", [20000, 20000]),

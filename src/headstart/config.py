@@ -104,6 +104,10 @@ class DataConfig:
             if name == "mean" and not all(-10 <= v <= 10 for v in values):
                 raise ConfigError(f"mean is for pixels scaled to 0..1, got {values!r}")
         _finite("crop_pct", self.crop_pct, 0.0, 1.0, lo_open=True)
+        if max(size) / self.crop_pct > MAX_SIDE:  # the resize before the centre crop would be this large
+            raise ConfigError(f"crop_pct {self.crop_pct!r} would resize images to {max(size) / self.crop_pct:.3g} px "
+                              f"before the {size[0]}x{size[1]} crop, over {MAX_SIDE}; expected at least "
+                              f"{max(size) / MAX_SIDE:.3g} (timm's weights use 0.75 to 1.0)")
         if not isinstance(self.interpolation, str) or not isinstance(self.resize_mode, str):
             raise ConfigError(f"interpolation and resize_mode must be names, got {self.interpolation!r} and "
                               f"{self.resize_mode!r}")
