@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from PIL import Image
 
@@ -50,3 +52,16 @@ def test_finetune_uses_the_range_test_unless_a_rate_is_given(tmp_path):
     assert found is not None and math.isfinite(found["used"]) and found["used"] > 0
     given = headstart.ImageClassifier(**settings | {"finetune_lr": 3e-4}).fit(data / "train", val=data / "val")
     assert given.report_.lr_find is None
+
+
+def test_a_flat_curve_suggests_a_tenth_of_where_it_starts_to_rise_never_below_the_sweep():
+    # a head trained beforehand: the loss is flat, its minimum sits at the first rate by chance, then it blows up
+    from headstart.training.lr_find import LrFind, _suggest
+
+    lrs = list(np.logspace(-7, -1, 61))
+    losses = [0.010 - 1e-6 * i for i in range(3)] + [0.010] * 37 + [0.010 * 1.3 ** k for k in range(1, 22)]
+    found = LrFind(lrs=lrs, losses=losses)
+    _suggest(found)
+    rise = lrs[39]  # the last rate of the flat stretch
+    assert found.suggestion >= lrs[0]
+    assert np.isclose(found.suggestion, rise / 10)

@@ -6,8 +6,9 @@
 Mini-batches are drawn from the training inputs with the learning rate multiplied by a constant factor each step
 (``start`` to ``end`` over ``steps``); the loss is smoothed (exponential average with bias correction, as
 fastai) and the test stops once it passes four times its minimum. The suggestion is the steepest descent of the
-smoothed loss when the loss does come down before its minimum, but not above the minimum's rate / 10, and that
-rate otherwise (fastai's two rules, the safer of the two). The model's weights are put back afterwards.
+smoothed loss when the loss does come down before its minimum, but not above the minimum's rate / 10 (fastai's
+two rules, the safer of the two); on a flat curve (a head trained beforehand), a tenth of the last rate before the
+loss rises above its flat stretch. The model's weights are put back afterwards.
 """
 
 from __future__ import annotations
@@ -96,7 +97,13 @@ def _suggest(found: LrFind) -> None:
     # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat
     # curve, and then the minimum's rate / 10 is the rule
     descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
-    found.suggestion = min(found.steepest, found.valley) if descends else found.valley
+    if descends:
+        found.suggestion = min(found.steepest, found.valley)
+    else:
+        # flat, then rising: the minimum is wherever the noise put it, often the sweep's first rate, and its tenth
+        # would lie below every rate tried; a tenth of the last rate before the loss leaves its flat stretch
+        flat = np.nonzero(losses[:hi] <= 1.1 * losses[low])[0]
+        found.suggestion = max(float(10 ** lrs[int(flat[-1])] / 10), found.lrs[0])
 
 
 def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test") -> Path:

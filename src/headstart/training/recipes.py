@@ -142,9 +142,11 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     t_trained = time.perf_counter()
     top = _Top(upper)
     selection = None
-    if recipe.strategy == "frozen" and config.head_search == "auto" and can_select(y_tr, len(val.ok) if val else 0):
-        head, history, selection = select_head(head, views[0], y_tr, val.features if val else None, y_va, config,
-                                               device=hardware.device)
+    # fine-tuning starts from the head a frozen run would choose, so it never begins below the frozen model
+    if (recipe.strategy in ("frozen", "finetune") and config.head_search == "auto"
+            and can_select(y_tr, len(val.ok) if val else 0)):
+        head, history, selection = select_head(head, top(views[0]), y_tr, top(val.features) if val else None, y_va,
+                                               config, device=hardware.device)
         log.info("head chosen by %s: %s", selection["method"], selection["chosen"]["name"])
     else:
         history = fit_head(head, [top(v) for v in views], y_tr, top(val.features) if val else None, y_va, config,
