@@ -59,9 +59,11 @@ def test_every_family_gives_a_map_at_the_input_size_and_stays_frozen(name, kw):
     assert overlay(e).size == (w, h)
 
 
-def test_the_target_layer_is_the_last_feature_map_before_pooling():
-    model = _model("vgg16", weights=None, input_size=32)
-    assert target_layer(model) is model.backbone.body.block5.block5_conv3_relu
+def test_the_target_layer_is_one_resolution_finer_than_the_last_feature_map():
+    vgg = _model("vgg16", weights=None, input_size=64)  # block5_pool passed over: block5 is 4 x 4, block4 8 x 8
+    assert target_layer(vgg) is vgg.backbone.body.block4.block4_conv3_relu
+    lite = _model("efficientnet_lite0", weights=None, input_size=64)  # 2 x 2 last, 4 x 4 before it
+    assert target_layer(lite) is lite.backbone.body.model.blocks[5][0].bn1.act
 
 
 def test_the_classifier_explains_with_its_own_classes(tiny_run):
@@ -146,10 +148,10 @@ def _patch_image(path, colour, side, rng) -> tuple[int, int, int, int]:
 
 
 def _patch_data(root, side):
-    """Train 14 and val 4 per class; 12 held-out test images per class, with their patch boxes."""
+    """Train 14 and val 4 per class; 30 held-out test images per class, with their patch boxes."""
     rng = np.random.default_rng(7)
     boxes = {}
-    for split, n in (("train", 14), ("val", 4), ("test", 12)):
+    for split, n in (("train", 14), ("val", 4), ("test", 30)):
         for name, colour in _PATCH_COLOURS.items():
             for i in range(n):
                 path = root / split / name / f"{name}_{i}.png"
@@ -168,10 +170,11 @@ def _hits(clf, boxes, side) -> float:
     return hits / len(boxes)
 
 
-# Measured (docs/explain.md): both backbones classify the held-out images right, but the maximum lands in the
-# square for 0-38% of them at 160 px: the last feature map's cells are as large as the square (EfficientNet:
-# 32 px) or the map peaks on the square's edges (VGG), so the maximum sits a cell beside it. Kept as an
-# expected failure that reports the share it measured; a model that stops learning the square still fails.
+# Measured (docs/explain.md): with LayerCAM one resolution finer than the last map, the maximum lands in the
+# square for 87-95% of the held-out images with EfficientNet-Lite0 and 72-79% with VGG16 (whose maps peak on the
+# square's edges and corners, a few pixels outside); Grad-CAM on the last map gave 8-15% and 38-50%. Below the
+# issue's 90% the test is an expected failure that reports the share; below 60% (the old maps) it fails.
+_FLOOR = 0.6
 
 
 @pytest.mark.slow
@@ -185,6 +188,8 @@ def test_the_heatmaps_maximum_falls_on_the_patch_that_decides_the_class(tmp_path
     clf = headstart.ImageClassifier(**backbone, input_size=side, head="avg", progress=False).fit(tmp_path)
     assert clf.score(tmp_path / "test") >= 0.9  # it learned the square, so its heatmap can show it
     hits = _hits(clf, boxes, side)
+    print(f"{backbone['backbone']}: maximum in the square for {hits:.1%} of {len(boxes)} held-out images")
+    assert hits >= _FLOOR, f"the heatmap's maximum fell in the square for {hits:.0%} of the held-out images"
     if hits < 0.9:
         pytest.xfail(f"the heatmap's maximum fell in the square for {hits:.0%} of the held-out images (target 90%; "
                      "docs/explain.md: do the heatmaps point at the evidence?)")

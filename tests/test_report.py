@@ -150,7 +150,7 @@ def test_an_older_run_without_val_labels_takes_them_from_the_folders(tiny, tmp_p
 def test_overlays_go_beside_the_first_top_losses(tiny, tmp_path):
     overlay = Image.new("RGB", (32, 32), (255, 0, 0))
     html = build_report(tiny.run, out=tmp_path / "r.html", overlays=[overlay] * 5, heatmaps=3).read_text()
-    assert html.count('alt="heatmap of') == 3 and "a heatmap (Grad-CAM) of where the model looked" in html
+    assert html.count('alt="heatmap of') == 3 and "a heatmap (LayerCAM) of where the model looked" in html
     assert 'alt="heatmap of' not in build_report(tiny.run, out=tmp_path / "s.html", heatmaps=0).read_text()
 
 
@@ -226,10 +226,10 @@ def test_likely_label_errors_and_duplicates_across_classes_are_shown_with_thumbn
 
 
 def test_the_report_heatmaps_are_those_explain_makes(tiny):
-    # explain lets gradients start at the Grad-CAM layer (a faster backward pass): the same maps as Grad-CAM with
+    # explain lets gradients start at the target layer (a faster backward pass): the same maps as LayerCAM with
     # gradients through the whole backbone, from an input that needs them
     import torch
-    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam import LayerCAM
 
     from headstart.explain import _read, explain, target_layer
 
@@ -238,7 +238,7 @@ def test_the_report_heatmaps_are_those_explain_makes(tiny):
     fast = explain(clf, paths)
     model = clf.model_.eval()
     x = torch.stack([_read(path, path.name, model)[1] for path in paths])
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[target_layer(model)]) as cam:
+    with torch.enable_grad(), LayerCAM(model=model, target_layers=[target_layer(model)]) as cam:
         maps = cam(input_tensor=x.clone().requires_grad_(True), targets=None)
         labels = cam.outputs.argmax(1).tolist()
     for a, heat, label in zip(fast, maps, labels):

@@ -337,7 +337,7 @@ class ImageClassifier:
                                "nothing to evaluate")
         return ds, probs, ex
 
-    def explain(self, images, target: str | int | None = None, method: str = "gradcam") -> list[np.ndarray | None]:
+    def explain(self, images, target: str | int | None = None, method: str = "layercam") -> list[np.ndarray | None]:
         """Heatmaps of where the model looked: one float32 ``(H, W)`` array in [0, 1] per image, at the model's
         input size, for ``target`` (a class name or index; default: each image's predicted class). ``images``
         as for ``predict_proba``; an unreadable image gives ``None`` (one image: ``ImageReadError``). The

@@ -727,12 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arg(p)
     p.set_defaults(func=_cmd_check)
 
-    p = _command(sub, "explain", "heatmaps of where the model looked, saved as overlays (Grad-CAM)")
+    p = _command(sub, "explain", "heatmaps of where the model looked, saved as overlays (LayerCAM by default)")
     p.add_argument("run", help="run folder written by `headstart train`")
     p.add_argument("paths", nargs="+", help="image files and folders (expanded to their images)")
     p.add_argument("--out", help="folder for the <name>.heatmap.png overlays (default: RUN/heatmaps)")
     p.add_argument("--class", dest="target", metavar="NAME", help="explain this class (default: the predicted one)")
-    p.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam", help="the class-activation map")
+    p.add_argument("--method", choices=EXPLAIN_METHODS, default="layercam", help="the class-activation map")
     p.set_defaults(func=_cmd_explain)
 
     p = _command(sub, "export", "the whole model (backbone + head) as one ONNX file with its metadata")

@@ -6,10 +6,11 @@ backbone, for the predicted or a named class.
     >>> e.label, e.probability, e.heatmap.shape          # ('ants', 0.97, (224, 224))
     >>> overlay(e).save("ant.heatmap.png")
 
-The target layer is found, not named: the last module of the backbone whose output is a 4-D feature map
-(pooling layers passed over: they only halve its resolution). Gradients reach it through the input, which is
-marked as needing them for the explanation only; the frozen backbone's parameters are never touched. A run
-whose backbone normally runs on ONNX Runtime is explained with the torch backbone from the same run's weights.
+The target layer is found, not named: the last module of the backbone at the resolution before its last feature
+map's (pooling layers passed over); the default method is LayerCAM, whose maps at that layer peak on the
+evidence. Gradients reach it through the input, which is marked as needing them for the explanation only; the
+frozen backbone's parameters are never touched. A run whose backbone normally runs on ONNX Runtime is explained
+with the torch backbone from the same run's weights.
 """
 
 from __future__ import annotations
@@ -86,20 +87,24 @@ def _image_model(model) -> ImageModel:
 
 
 def target_layer(model: ImageModel) -> nn.Module:
-    """The last module of the backbone whose output is a 4-D feature map, pooling layers passed over.
+    """The module whose map is explained: the last one of the backbone at the resolution before its last feature
+    map's (pooling layers passed over), or the last feature map when the backbone has one resolution only.
 
     Found by running a probe image through the backbone, so it works for any registered family: VGG's
-    ``block5_conv3_relu``, EfficientNet-Lite's activation after ``conv_head``, a timm ResNet's last block.
+    ``block4_conv3_relu``, EfficientNet-Lite's last activation at stride 16 (``blocks.5.0.bn1.act``), a timm
+    ResNet's last one in ``layer3``. The last map's cells are 32 px (16 px for VGG, whose last pool
+    is passed over) at 224 px, as large as the objects of a small-object data set; one step finer, LayerCAM's
+    maps peak on the evidence itself (docs/explain.md).
 
     Raises:
         ConfigError: the backbone has no such module (a token model such as a ViT).
     """
     body = model.backbone.body
-    order: list[nn.Module] = []
+    order: list[tuple[nn.Module, tuple[int, int]]] = []
 
     def record(module, _inputs, output):
         if isinstance(output, torch.Tensor) and output.ndim == 4 and not isinstance(module, _POOLS):
-            order.append(module)
+            order.append((module, tuple(output.shape[-2:])))
 
     leaves = [m for m in body.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(record) for m in leaves]
@@ -112,7 +117,9 @@ def target_layer(model: ImageModel) -> nn.Module:
     if not order:
         raise ConfigError(f"{model.backbone.name} has no module with a 4-D feature map to explain (a token "
                           "model?); explain works on convolutional backbones")
-    return order[-1]
+    last_size = order[-1][1]
+    finer = [m for m, size in order if size[0] > last_size[0] and size[1] > last_size[1]]
+    return finer[-1] if finer else order[-1][0]
 
 
 def _class_index(model: ImageModel, target) -> int | None:
@@ -134,7 +141,7 @@ def _read(src: ImageSource, name: str, model: ImageModel) -> tuple[Image.Image, 
 
 
 def explain(model, sources: Sequence[ImageSource] | ImageSource, *, target: str | int | None = None,
-            method: str = "gradcam", names: Sequence[str] | None = None) -> list[Explanation]:
+            method: str = "layercam", names: Sequence[str] | None = None) -> list[Explanation]:
     """One ``Explanation`` per image in ``sources`` (paths, bytes, PIL pictures, arrays), in order.
 
     ``model``: what ``headstart.load(RUN)`` returns, or its ``ImageModel``. ``target``: the class to explain,

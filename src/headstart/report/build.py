@@ -94,7 +94,7 @@ def _own_predictions(classes: list[str], data: dict, classifier: _Classifier) ->
 
 
 def _heatmaps(classifier: _Classifier, rows: list[dict], n: int) -> list:
-    """Grad-CAM overlays (``headstart.explain``) of the first ``n`` top losses, for their predicted class; None
+    """LayerCAM overlays (``headstart.explain``) of the first ``n`` top losses, for their predicted class; None
     for an image it could not explain. A failure costs the heatmaps only, never the report."""
     from ..explain import explain, overlay
 
@@ -139,7 +139,7 @@ def build_report(run_dir: str | Path, data: str | Path | None = None, *, out: st
     ``path,label`` rows, as ``headstart evaluate`` takes), the run is evaluated on it: ``RUN/report-<name>.html``
     and ``RUN/plots/<name>/``. ``out`` names another HTML file.
 
-    The first ``heatmaps`` images of the top-losses gallery get a Grad-CAM overlay (``headstart.explain``) for
+    The first ``heatmaps`` images of the top-losses gallery get a LayerCAM overlay (``headstart.explain``) for
     their predicted class, or the pictures (PIL images) given as ``overlays``, in the gallery's order.
 
     ``classifier``: the ``ImageClassifier`` just trained and saved in ``run_dir``; its validation probabilities

@@ -1,0 +1,106 @@
+"""Do the heatmaps point at the evidence? Each CAM method at the last feature map and one resolution finer, side
+by side on the same trained model (issue 14; the slow test in tests/test_explain.py checks the default).
+
+    PYTHONPATH=src python benchmarks/heatmaps.py efficientnet_lite0 vgg16 --vgg16-weights ../shared/weights/vgg16_imagenet_notop.safetensors
+
+The data are the test's: grey textured images, the class decided by a red or blue square of 1/5 of the side at a
+random place; a frozen average-pooling head is trained on the test's 14 + 4 images per class, and the held-out
+images here are drawn with another seed. "inside" counts images whose heatmap maximum lies in the square.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_grad_cam as gc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import headstart  # noqa: E402
+from headstart.explain import _POOLS, _read, target_layer  # noqa: E402
+from test_explain import _PATCH_COLOURS, _patch_data, _patch_image  # noqa: E402
+
+METHODS = {"gradcam": gc.GradCAM, "hirescam": gc.HiResCAM, "layercam": gc.LayerCAM}
+
+
+def _layers(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The last 4-D module (pools passed over) and the default target (one resolution finer)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, _i, o: seen.append(mod) if isinstance(o, torch.Tensor)
+                                     and o.ndim == 4 and not isinstance(mod, _POOLS) else None)
+             for m in model.backbone.body.modules() if not list(m.children())]
+    with torch.inference_mode():
+        model.backbone(torch.zeros(1, 3, *model.data_config.input_size))
+    for h in hooks:
+        h.remove()
+    return seen[-1], target_layer(model)
+
+
+def _maps(model, cls, layer, x):
+    hooks = [model.backbone.register_forward_pre_hook(lambda _m, a: tuple(t.detach() for t in a)),
+             layer.register_forward_hook(lambda _m, _a, o: o.detach().requires_grad_(True))]
+    out = []
+    try:
+        for s in range(0, len(x), 8):
+            with torch.enable_grad(), cls(model=model, target_layers=[layer]) as cam:
+                out += list(cam(input_tensor=x[s:s + 8], targets=None))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("backbones", nargs="+")
+    ap.add_argument("--vgg16-weights")
+    ap.add_argument("--side", type=int, default=160)
+    ap.add_argument("--held-out", type=int, default=30, help="per class")
+    ap.add_argument("--seed", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="heatmaps-"))
+    _patch_data(work / "data", args.side)
+    rng = np.random.default_rng(args.seed)
+    boxes = {}
+    for name, colour in _PATCH_COLOURS.items():
+        for i in range(args.held_out):
+            path = work / "held" / f"{name}_{i}.png"
+            boxes[path] = _patch_image(path, colour, args.side, rng)
+    print(f"| backbone | layer | map | method | inside the square | seconds ({len(boxes)} images) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.backbones:
+        kw = {"weights": args.vgg16_weights} if name == "vgg16" and args.vgg16_weights else {}
+        clf = headstart.ImageClassifier(backbone=name, input_size=args.side, head="avg", progress=False, **kw)
+        clf.fit(work / "data")
+        model = clf.model_.eval()
+        x = torch.stack([_read(p, p.name, model)[1] for p in boxes])
+        names = {m: n for n, m in model.backbone.body.named_modules()}
+        for where, layer in zip(("last map", "one finer (default)"), _layers(model)):
+            for method, cls in METHODS.items():
+                t = time.perf_counter()
+                maps = _maps(model, cls, layer, x)
+                inside = 0
+                for heat, (x0, y0, x1, y1) in zip(maps, boxes.values()):
+                    y, xx = np.unravel_index(int(heat.argmax()), heat.shape)
+                    inside += x0 <= (xx + .5) * args.side / heat.shape[1] < x1 and y0 <= (y + .5) * args.side / heat.shape[0] < y1
+                size = "x".join(map(str, _feature_size(model, layer)))
+                print(f"| {name} | {where}: `{names.get(layer)}` | {size} | {method} | {inside / len(maps):.3f} | "
+                      f"{time.perf_counter() - t:.1f} |", flush=True)
+
+
+def _feature_size(model, layer):
+    got = []
+    h = layer.register_forward_hook(lambda _m, _i, o: got.append(tuple(o.shape[-2:])))
+    with torch.inference_mode():
+        model.backbone(torch.zeros(1, 3, *model.data_config.input_size))
+    h.remove()
+    return got[0]
+
+
+if __name__ == "__main__":
+    main()
