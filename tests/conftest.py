@@ -16,6 +16,23 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
+
+def _own_cores() -> None:
+    """Under pytest-xdist, worker i of n keeps every n-th core of the ones it may use, before torch loads.
+
+    Each worker (and every process a test starts: affinity is inherited) then sees only its cores, so torch and
+    ONNX Runtime size their pools to them; n workers each sizing a pool for the whole machine would spin-wait on
+    each other's cores. The code that splits work over several cores is tested with explicit thread and lane
+    counts, which do not depend on the machine."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and hasattr(os, "sched_setaffinity")):
+        return
+    cpus, n, i = sorted(os.sched_getaffinity(0)), int(count), int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, set(cpus[i::n]) if n <= len(cpus) else {cpus[i % len(cpus)]})
+
+
+_own_cores()
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
 VGG16_NOTOP = SHARED / "weights" / "vgg16_imagenet_notop.safetensors"

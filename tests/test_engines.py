@@ -28,7 +28,9 @@ def test_torch_and_onnx_engines_agree(name, size):
     assert (onnx.engine, torch_runner.engine) == ("onnx", "torch")
     one_run = OnnxRunner(onnx.path, threads=2, lanes=1)  # one run at a time on both threads, not split in lanes
     assert (onnx.lanes, one_run.lanes) == (default_threads(), 1)
-    for out in (onnx(x), one_run(x), torch_runner(x)):
+    two_lanes = OnnxRunner(onnx.path, threads=2, lanes=2)  # split in two lanes whatever cores this process has
+    assert two_lanes.lanes == 2
+    for out in (onnx(x), one_run(x), two_lanes(x), torch_runner(x)):
         assert out.shape == reference.shape
         scale = reference.abs().max().item()
         assert (out - reference).abs().max().item() <= 1e-4 * scale + 1e-6
