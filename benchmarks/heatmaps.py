@@ -17,41 +17,37 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytorch_grad_cam as gc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import headstart  # noqa: E402
-from headstart.explain import _POOLS, _read, target_layer  # noqa: E402
+from headstart.explain import _POOLS, _cam_class, _heatmaps, _read, target_layer  # noqa: E402
 from test_explain import _PATCH_COLOURS, _patch_data, _patch_image  # noqa: E402
 
-METHODS = {"gradcam": gc.GradCAM, "hirescam": gc.HiResCAM, "layercam": gc.LayerCAM}
+METHODS = ("gradcam", "hirescam", "layercam")
 
 
-def _layers(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The last 4-D module (pools passed over) and the default target (one resolution finer)."""
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, _i, o: seen.append(mod) if isinstance(o, torch.Tensor)
-                                     and o.ndim == 4 and not isinstance(mod, _POOLS) else None)
+def _layers(model) -> list[tuple[str, torch.nn.Module, tuple[int, int]]]:
+    """The last 4-D module (pools passed over) and the default target, with their map sizes, from one probe."""
+    seen: list[tuple[torch.nn.Module, tuple[int, int]]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, o: seen.append((mod, tuple(o.shape[-2:])))
+                                     if isinstance(o, torch.Tensor) and o.ndim == 4 and not isinstance(mod, _POOLS)
+                                     else None)
              for m in model.backbone.body.modules() if not list(m.children())]
     with torch.inference_mode():
         model.backbone(torch.zeros(1, 3, *model.data_config.input_size))
     for h in hooks:
         h.remove()
-    return seen[-1], target_layer(model)
+    chosen = target_layer(model)
+    size = next(s for m, s in seen if m is chosen)
+    return [("last map", *seen[-1]), ("one finer (default)", chosen, size)]
 
 
-def _maps(model, cls, layer, x):
-    hooks = [model.backbone.register_forward_pre_hook(lambda _m, a: tuple(t.detach() for t in a)),
-             layer.register_forward_hook(lambda _m, _a, o: o.detach().requires_grad_(True))]
+def _maps(model, method, layer, x):
+    """The maps ``headstart.explain`` makes, at ``layer`` with ``method``, for the predicted classes."""
     out = []
-    try:
-        for s in range(0, len(x), 8):
-            with torch.enable_grad(), cls(model=model, target_layers=[layer]) as cam:
-                out += list(cam(input_tensor=x[s:s + 8], targets=None))
-    finally:
-        for h in hooks:
-            h.remove()
+    for s in range(0, len(x), 8):
+        out += _heatmaps(model, layer, _cam_class(method), x[s:s + 8], None)[0]
     return out
 
 
@@ -80,26 +76,17 @@ def main() -> None:
         model = clf.model_.eval()
         x = torch.stack([_read(p, p.name, model)[1] for p in boxes])
         names = {m: n for n, m in model.backbone.body.named_modules()}
-        for where, layer in zip(("last map", "one finer (default)"), _layers(model)):
-            for method, cls in METHODS.items():
+        for where, layer, size in _layers(model):
+            for method in METHODS:
                 t = time.perf_counter()
-                maps = _maps(model, cls, layer, x)
+                maps = _maps(model, method, layer, x)
                 inside = 0
                 for heat, (x0, y0, x1, y1) in zip(maps, boxes.values()):
                     y, xx = np.unravel_index(int(heat.argmax()), heat.shape)
-                    inside += x0 <= (xx + .5) * args.side / heat.shape[1] < x1 and y0 <= (y + .5) * args.side / heat.shape[0] < y1
-                size = "x".join(map(str, _feature_size(model, layer)))
-                print(f"| {name} | {where}: `{names.get(layer)}` | {size} | {method} | {inside / len(maps):.3f} | "
-                      f"{time.perf_counter() - t:.1f} |", flush=True)
-
-
-def _feature_size(model, layer):
-    got = []
-    h = layer.register_forward_hook(lambda _m, _i, o: got.append(tuple(o.shape[-2:])))
-    with torch.inference_mode():
-        model.backbone(torch.zeros(1, 3, *model.data_config.input_size))
-    h.remove()
-    return got[0]
+                    inside += (x0 <= (xx + .5) * args.side / heat.shape[1] < x1
+                               and y0 <= (y + .5) * args.side / heat.shape[0] < y1)
+                print(f"| {name} | {where}: `{names.get(layer)}` | {size[0]}x{size[1]} | {method} | "
+                      f"{inside / len(maps):.3f} | {time.perf_counter() - t:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,7 @@ def _suggest(found: LrFind) -> None:
     low = int(np.argmin(losses))
     found.valley = float(10 ** lrs[low] / 10)
     # the steepest descent when the loss does come down before its minimum, but never past the minimum's tenth
-    # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat
-    # curve, and then the minimum's rate / 10 is the rule
+    # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat curve
     descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
     if descends:
         found.suggestion = min(found.steepest, found.valley)
