@@ -23,6 +23,7 @@ import pytest
 
 from conftest import make_folder, make_image
 from headstart.cli import main
+from headstart.training.recipes import keeps_finetuned
 
 TINY = ["--backbone", "test_tiny", "--epochs", "3", "--engine", "torch"]
 
@@ -118,6 +119,17 @@ def test_a_fine_tune_that_wins_is_the_one_best_epoch_and_says_its_stage(tmp_path
     epochs = len(_history(tmp_path / "run"))
     assert f"best epoch {best[0]['epoch']} of {epochs} (fine-tuning stage)" in out
     assert "fine-tuning beat the head-only stage's best (epoch 1: val accuracy" in out
+    head = next(r for r in _history(tmp_path / "run") if r["stage"] == "head")
+    assert float(best[0]["val_accuracy"]) >= float(head["val_accuracy"])  # never saved less accurate
+
+
+def test_a_fine_tuned_epoch_with_a_lower_loss_but_fewer_right_does_not_replace_the_head():
+    # the digits run: fine-tuning's best epoch by val loss (0.1956) had one image fewer right than the head (0.2019)
+    stage2 = [{"val_loss": 0.21, "val_accuracy": 0.925, "best": False},
+              {"val_loss": 0.1956, "val_accuracy": 0.920, "best": True}]
+    assert not keeps_finetuned(0.925, stage2)
+    assert keeps_finetuned(0.920, stage2) and keeps_finetuned(None, stage2)  # as accurate; no validation
+    assert not keeps_finetuned(0.5, [dict(r, best=False) for r in stage2])  # nothing beat the head's loss
 
 
 def test_checkpoints_of_a_finished_run_are_removed_unless_kept(tmp_path, image_folder):

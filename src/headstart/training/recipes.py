@@ -288,10 +288,26 @@ def find_lr(recipe: Recipe, backbone, splits, head: Head, config: TrainConfig, c
         backbone.freeze().eval()
 
 
+def keeps_finetuned(head_accuracy: float | None, stage2: list[dict]) -> bool:
+    """Whether fine-tuning's best epoch (by val loss, as ``run_loop`` keeps it) replaces the head stage: it must
+    also be at least as accurate on validation. Without validation the monitored loss decides alone."""
+    best = [r for r in stage2 if r.get("best")]
+    if not best:
+        return False
+    return head_accuracy is None or best[0].get("val_accuracy", head_accuracy) >= head_accuracy - 1e-9
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + 64]).argmax(1) == y[i:i + 64]).sum()) for i in range(0, len(x), 64))
+    return correct / max(1, len(x))
+
+
 def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
               hardware, dist: Distributed = SINGLE, lr: float | None = None) -> list[dict]:
     """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
-    must beat the head stage's best monitored loss to replace them)."""
+    must beat the head stage's best monitored loss, and be as accurate on validation, to replace them)."""
     model = nn.Sequential(upper, head)
     groups = _range_groups(recipe, config, upper, head, lr or recipe.finetune_lr or FALLBACK_LR)
     loop = dataclasses.replace(config, epochs=recipe.finetune_epochs, patience=recipe.finetune_patience(),
@@ -301,10 +317,20 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
     ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
     yv = torch.as_tensor(y_va) if val is not None else None
     best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
+    head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    head_accuracy = _accuracy(model, val.features, yv) if val is not None else None
     stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
                       class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
                       desc="fine-tune", baseline=best_head, device=hardware.device, dist=dist)
     model.to("cpu")
+    if any(r["best"] for r in stage2) and not keeps_finetuned(head_accuracy, stage2):
+        # a lower val loss is not enough: the saved model is never less accurate on validation than the head
+        best = next(r for r in stage2 if r["best"])
+        log.info("fine-tuning's best epoch by val loss has val accuracy %.4f, below the head stage's %.4f: the "
+                 "head stage's weights are kept", best["val_accuracy"], head_accuracy)
+        model.load_state_dict(head_state)
+        for row in stage2:
+            row["best"] = False
     for row in stage2:
         row["stage"] = "finetune"
         row["epoch"] += len(history)
