@@ -19,6 +19,7 @@ import sys
 import termios
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import make_folder, make_image
@@ -130,6 +131,27 @@ def test_a_fine_tuned_epoch_with_a_lower_loss_but_fewer_right_does_not_replace_t
     assert not keeps_finetuned(0.925, stage2)
     assert keeps_finetuned(0.920, stage2) and keeps_finetuned(None, stage2)  # as accurate; no validation
     assert not keeps_finetuned(0.5, [dict(r, best=False) for r in stage2])  # nothing beat the head's loss
+
+
+def test_a_fine_tuned_run_looks_for_label_errors_in_the_features_its_head_reads(tmp_path, image_folder, monkeypatch):
+    # a fine-tuned run caches the maps at its boundary; the finder must get what the head is trained on, as frozen
+    import headstart.api
+
+    seen = {}
+    real = headstart.api.find_label_errors
+
+    def spy(features, labels, *args, **kwargs):
+        seen[strategy] = np.asarray(features), list(labels)
+        return real(features, labels, *args, **kwargs)
+
+    monkeypatch.setattr(headstart.api, "find_label_errors", spy)
+    for strategy in ("frozen", "finetune"):
+        extra = ["--finetune-epochs", "1", "--finetune-lr", "1e-12"] if strategy == "finetune" else []
+        assert _train(image_folder, tmp_path / strategy, "--strategy", strategy, "--views", "1", "--no-report",
+                      *extra) == 0
+    (frozen, y_frozen), (tuned, y_tuned) = seen["frozen"], seen["finetune"]
+    assert tuned.shape == frozen.shape and y_tuned == y_frozen, (tuned.shape, frozen.shape)
+    np.testing.assert_allclose(tuned, frozen, rtol=1e-3, atol=1e-4)
 
 
 def test_checkpoints_of_a_finished_run_are_removed_unless_kept(tmp_path, image_folder):

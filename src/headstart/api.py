@@ -208,7 +208,7 @@ class ImageClassifier:
                 log.warning("the test set was not evaluated: %s", exc)
         self.report_ = _report(splits, result, configs["recipe"], backbone, cache, self.metrics_, self.history_)
         self.report_.excluded, self.report_.exclude_unmatched = excluded
-        found = _label_errors(splits.train, result.train_extraction, self.seed)
+        found = _label_errors(splits.train, result, self.seed)
         if found is not None:
             self.report_.label_errors, self.report_.duplicates_across_classes = found.suspects, found.duplicates
             self.report_.seconds["label_errors"] = found.seconds
@@ -483,12 +483,16 @@ def _excluding(splits: Splits, exclude) -> tuple[Splits, tuple[list[str], list[s
     return Splits(train, val, splits.test, splits.split_note), (out_train + out_val, left)
 
 
-def _label_errors(train: Dataset, extraction, seed: int):
-    """Likely label errors among the training images, from their cached features; a failure is a warning."""
+def _label_errors(train: Dataset, result, seed: int):
+    """Likely label errors among the training images, from the features a frozen run's head reads (a fine-tuned
+    run's extraction holds the maps at its boundary: they are taken through the top before it was fine-tuned);
+    a failure is a warning."""
+    feats, ok = result.train_features, result.train_ok
+    if feats is None:
+        feats, ok = result.train_extraction.features, result.train_extraction.ok
     try:
-        feats = extraction.features.numpy()
-        found = find_label_errors(feats, train.labels[extraction.ok], train.classes,
-                                  [str(train.paths[i]) for i in extraction.ok], seed=seed)
+        found = find_label_errors(feats.numpy(), train.labels[ok], train.classes, [str(train.paths[i]) for i in ok],
+                                  seed=seed)
     except Exception as exc:  # noqa: BLE001 - the model is trained; listing suspects must never lose it
         log.warning("the label-error check did not run (%s: %s); the model is saved as usual", type(exc).__name__, exc)
         return None

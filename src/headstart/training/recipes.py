@@ -59,6 +59,8 @@ class TrainResult:
     seconds: dict = dataclasses.field(default_factory=dict)  # "extraction" (every split and view), "training"
     selection: dict | None = None       # how the head was chosen (``select.select_head``), if it was
     lr_find: dict | None = None         # the range test that set the fine-tuning rate, if one did
+    train_features: torch.Tensor | None = None  # train's eval view through the frozen top, when fine-tuned
+    train_ok: list[int] | None = None   # the images of ``train_features``
 
 
 def _extract(source, paths, cache, transform=None, progress=None, desc="", runner=None, pool=None):
@@ -154,6 +156,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     for row in history:
         row["stage"] = "head"
     found = None
+    # label errors are looked for in the features before fine-tuning: a top fitted to train's labels would hide them
+    label_features = _as_extracted(top(views[0]), head) if upper is not None else None
     if upper is not None:
         lr = recipe.finetune_lr
         if lr is None:  # an explicit --finetune-lr wins; else the range test on the trained head sets it
@@ -177,7 +181,14 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     seconds = {"extraction": t_trained - t_start, "training": time.perf_counter() - t_trained}
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
                        base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
-                       seconds, selection, found.to_dict() | {"used": lr} if found is not None else None)
+                       seconds, selection, found.to_dict() | {"used": lr} if found is not None else None,
+                       label_features, ok if upper is not None else None)
+
+
+def _as_extracted(fmap: torch.Tensor, head: Head) -> torch.Tensor:
+    """Backbone maps as a frozen run's extraction keeps them for ``head`` (averaged when it only reads the
+    average), so a fine-tuned run's label-error check reads the same kind of features as a frozen run's."""
+    return fmap.mean(dim=(2, 3)) if fmap.ndim == 4 and head.feature_pool == "avg" else fmap
 
 
 def check_concatenation(backbone: str, strategy: str, pool: str | None, input_size=None,
