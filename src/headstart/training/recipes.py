@@ -308,13 +308,6 @@ def keeps_finetuned(head_accuracy: float | None, stage2: list[dict]) -> bool:
     return head_accuracy is None or best[0].get("val_accuracy", head_accuracy) >= head_accuracy - 1e-9
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x[i:i + 64]).argmax(1) == y[i:i + 64]).sum()) for i in range(0, len(x), 64))
-    return correct / max(1, len(x))
-
-
 def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
               hardware, dist: Distributed = SINGLE, lr: float | None = None) -> list[dict]:
     """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
@@ -327,9 +320,11 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
     weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
     ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
     yv = torch.as_tensor(y_va) if val is not None else None
-    best_head = min(r["val_loss"] if val else r["train_loss"] for r in history)
+    # the head stage's best row: the weights fine-tuning starts from, and the figures it must beat
+    head_row = min(history, key=lambda r: r["val_loss"] if val else r["train_loss"])
+    best_head = head_row["val_loss"] if val else head_row["train_loss"]
+    head_accuracy = head_row.get("val_accuracy") if val is not None else None
     head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    head_accuracy = _accuracy(model, val.features, yv) if val is not None else None
     stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
                       class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
                       desc="fine-tune", baseline=best_head, device=hardware.device, dist=dist)
