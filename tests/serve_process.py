@@ -19,7 +19,8 @@ from conftest import make_folder
 def tiny_run(root: Path) -> Path:
     """A run of the tiny backbone trained on generated blue / green / red pictures, saved in ``root/run``."""
     data = make_folder(root / "data", classes=("blue", "red", "green"))
-    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=40, patience=40, cache=root / "cache")
+    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=40, patience=40, head_search="off",
+                                    cache=root / "cache")
     return clf.fit(data).save(root / "run")
 
 

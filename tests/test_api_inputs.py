@@ -18,7 +18,7 @@ from conftest import make_folder, make_image
 from headstart.data.datasets import load_splits
 from headstart.errors import ConfigError, ImageReadError
 
-FAST = dict(backbone="test_tiny", epochs=5, engine="torch", cache=False)
+FAST = dict(backbone="test_tiny", epochs=5, engine="torch", cache=False, head_search="off")
 
 
 @pytest.fixture(scope="module")

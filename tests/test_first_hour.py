@@ -26,7 +26,7 @@ from conftest import make_folder, make_image
 from headstart.cli import main
 from headstart.training.recipes import keeps_finetuned
 
-TINY = ["--backbone", "test_tiny", "--epochs", "3", "--engine", "torch"]
+TINY = ["--backbone", "test_tiny", "--epochs", "3", "--engine", "torch", "--head-search", "off"]
 
 
 def _train(data, out, *extra) -> int:
@@ -100,7 +100,7 @@ def _best_rows(run: Path) -> list[dict]:
 def test_a_fine_tune_that_does_not_beat_the_head_says_so_with_both_figures(tmp_path, image_folder, capsys):
     # a learning rate that cannot move the weights: no fine-tuning epoch can beat the head-only stage
     assert _train(image_folder, tmp_path / "run", "--strategy", "finetune", "--finetune-epochs", "3",
-                  "--finetune-lr", "1e-12", "--views", "1", "--head-search", "off") == 0
+                  "--finetune-lr", "1e-12", "--views", "1") == 0
     out = capsys.readouterr().out
     best = _best_rows(tmp_path / "run")
     assert len(best) == 1 and best[0]["stage"] == "head"

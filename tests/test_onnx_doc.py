@@ -57,7 +57,7 @@ def _same_top1(doc: dict, hs: dict) -> None:
 
 def test_the_page_states_every_metadata_field(tmp_path):
     data = make_folder(tmp_path / "data", per_class=4, val_per_class=1)
-    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=2, engine="torch", cache=False).fit(data)
+    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=2, engine="torch", cache=False, head_search="off").fit(data)
     clf.save(tmp_path / "run")
     assert main(["--quiet", "export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
     import onnxruntime as ort
@@ -87,7 +87,7 @@ def test_the_doc_program_agrees_with_headstart_predict(tmp_path, capsys):
     exif = Image.Exif()
     exif[0x0112] = 6
     photo.save(val / "red" / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=10, engine="torch", cache=False).fit(data)
+    clf = headstart.ImageClassifier(backbone="test_tiny", epochs=10, engine="torch", cache=False, head_search="off").fit(data)
     clf.save(tmp_path / "run")
     model = tmp_path / "model.onnx"
     assert main(["--quiet", "export", str(tmp_path / "run"), "--out", str(model)]) == 0
