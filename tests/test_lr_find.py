@@ -64,4 +64,53 @@ def test_a_flat_curve_suggests_a_tenth_of_where_it_starts_to_rise_never_below_th
     _suggest(found)
     rise = lrs[39]  # the last rate of the flat stretch
     assert found.suggestion >= lrs[0]
-    assert np.isclose(found.suggestion, rise / 10)
+    assert np.isclose(found.suggestion, rise / 10) and np.isclose(found.edge, rise)
+
+
+def test_without_a_given_rate_fine_tuning_tries_rates_above_the_suggestion_and_keeps_the_best_on_val(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=6, val_per_class=3)
+    settings = FAST | {"epochs": 3, "strategy": "finetune", "finetune_epochs": 2, "views": 1, "progress": False,
+                       "finetune_lr": None}
+    clf = headstart.ImageClassifier(**settings).fit(data / "train", val=data / "val")
+    found = clf.report_.lr_find
+    rates = [t["lr"] for t in found["tried"]]
+    top = found["edge"] if found["edge"] > found["suggestion"] else 10 * found["suggestion"]
+    assert np.allclose(rates, np.geomspace(found["suggestion"], top, 3))  # from the suggestion up to the climb
+    replaced = [t for t in found["tried"] if t["replaced_head"]]
+    assert replaced, found["tried"]  # a head of three epochs leaves fine-tuning room to win
+    # the saved model is the best of the rates on validation, and its rate is the one recorded
+    best = max(replaced, key=lambda t: (t["val_accuracy"], -t["val_loss"]))
+    assert found["used"] == best["lr"] and clf.metrics_["val"]["accuracy"] == best["val_accuracy"]
+    one = headstart.ImageClassifier(**settings | {"finetune_rates": 1}).fit(data / "train", val=data / "val")
+    assert one.report_.lr_find["tried"] is None and one.report_.lr_find["used"] == one.report_.lr_find["suggestion"]
+
+
+def test_the_rate_kept_is_the_most_accurate_on_val_then_the_lowest_loss_and_its_weights_are_the_ones_left(
+        monkeypatch):
+    from headstart.training import recipes
+
+    reached = {1.0: (0.80, 0.30), 2.0: (0.90, 0.50), 3.0: (0.90, 0.40), 4.0: None}  # None: the head stage kept
+    upper, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def fake_finetune(*args, lr, checkpoint_name, **kw):
+        assert float(upper.weight.detach().sum()) == 0  # every rate starts from the head stage's weights
+        score = reached[lr]
+        if score is not None:
+            with torch.no_grad():
+                upper.weight.fill_(lr)
+        return [{"epoch": 5, "best": score is not None, "val_accuracy": score[0] if score else 0.5,
+                 "val_loss": score[1] if score else 1.0, "checkpoint": checkpoint_name}]
+
+    monkeypatch.setattr(recipes, "_finetune", fake_finetune)
+    with torch.no_grad():
+        upper.weight.zero_()
+    args = (None, None, upper, head, None, None, None, None, [], None, False, False, None, None)
+    stage2, lr, tried = recipes._finetune_at(list(reached), *args)
+    assert lr == 3.0 and float(upper.weight.detach()[0, 0]) == 3.0 and stage2[0]["val_accuracy"] == 0.90
+    assert [t["replaced_head"] for t in tried] == [True, True, True, False]
+    assert stage2[0]["checkpoint"] == "finetune-3.safetensors"  # each rate has a checkpoint of its own
+    with torch.no_grad():
+        upper.weight.zero_()
+    reached.update({1.0: None, 2.0: None, 3.0: None})
+    stage2, lr, tried = recipes._finetune_at([1.0, 2.0, 3.0], *args)
+    assert float(upper.weight.detach().abs().sum()) == 0 and not any(r["best"] for r in stage2)  # the head stage's weights

@@ -93,6 +93,21 @@ def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path,
     torch.testing.assert_close(torch.tensor(resumed.predict_proba(files)), torch.tensor(whole.predict_proba(files)))
 
 
+def test_fine_tuning_interrupted_at_its_second_rate_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
+    kw = FAST | dict(strategy="finetune", views=1, finetune_epochs=3, finetune_lr=None, epochs=3)
+    whole = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "a")
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        _ctrl_c_after(2, tmp_path / "b" / "checkpoints" / "finetune-2.safetensors", m)
+        headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b")
+    resumed = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b", resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert len(whole.report_.lr_find["tried"]) == 3
+    assert resumed.report_.lr_find["tried"] == whole.report_.lr_find["tried"]
+    assert strip(resumed.history_) == strip(whole.history_)
+    files = sorted((image_folder / "val").glob("*/*.png"))
+    torch.testing.assert_close(torch.tensor(resumed.predict_proba(files)), torch.tensor(whole.predict_proba(files)))
+
+
 # the CLI, killed with SIGKILL by itself right after its CHECKPOINTS-th fine-tuning checkpoint has landed
 KILLED_AFTER = r"""
 import os, signal, sys

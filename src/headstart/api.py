@@ -60,7 +60,7 @@ class ImageClassifier:
         cache: a folder for the feature cache, ``True`` for the default one, ``False`` for none.
         val_fraction: share of each class held out for validation when no val set is given.
         exclude: a text file of image paths (one per line, ``#`` comments) left out of train and val.
-        strategy, augment, views, unfreeze, finetune_epochs, finetune_lr: the training ``Recipe``.
+        strategy, augment, views, unfreeze, finetune_epochs, finetune_lr, finetune_rates: the training ``Recipe``.
         tta: average predictions over the image and its mirror (predict and evaluate).
         head_search: ``"auto"`` (frozen strategy): the head's size, regularisation and epochs chosen by
             cross-validation on train (on val from 500 images; ``training.select``); ``"off"``: as given.
@@ -76,8 +76,8 @@ class ImageClassifier:
                  val_fraction: float = 0.2, exclude: str | Path | None = None, progress: bool | None = None,
                  strategy: str = "frozen",
                  augment: str | None = None, views: int = 5, unfreeze: int | None = None,
-                 finetune_epochs: int = 15, finetune_lr: float | None = None, tta: bool = False, engine: str = "auto",
-                 device: str = "auto", head_search: str = "auto"):
+                 finetune_epochs: int = 15, finetune_lr: float | None = None, finetune_rates: int = 3,
+                 tta: bool = False, engine: str = "auto", device: str = "auto", head_search: str = "auto"):
         # scikit-learn's rule: parameters are kept as given; the configs are built from them (and checked) here
         # and again whenever a parameter is changed by hand before fit
         self.backbone, self.weights, self.input_size = backbone, weights, input_size
@@ -86,7 +86,7 @@ class ImageClassifier:
         self.patience, self.class_weight, self.label_smoothing, self.seed = patience, class_weight, label_smoothing, seed
         self.head_search = head_search
         self.strategy, self.augment, self.views, self.unfreeze = strategy, augment, views, unfreeze
-        self.finetune_epochs, self.finetune_lr = finetune_epochs, finetune_lr
+        self.finetune_epochs, self.finetune_lr, self.finetune_rates = finetune_epochs, finetune_lr, finetune_rates
         self.val_fraction, self.exclude, self.engine, self.device = val_fraction, exclude, engine, device
         self.cache, self.progress, self.tta = cache, progress, tta
         self._configs()
@@ -102,7 +102,8 @@ class ImageClassifier:
                                  class_weight=self.class_weight, label_smoothing=self.label_smoothing, seed=self.seed,
                                  head_search=self.head_search),
             "recipe": Recipe(strategy=self.strategy, augment=self.augment, views=self.views, unfreeze=self.unfreeze,
-                             finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr),
+                             finetune_epochs=self.finetune_epochs, finetune_lr=self.finetune_lr,
+                             finetune_rates=self.finetune_rates),
             "split": SplitConfig(self.val_fraction, None if self.exclude is None else str(self.exclude)),
             "engine": EngineConfig(self.engine, self.device),
         }
@@ -456,7 +457,7 @@ def _trained_with(training: dict, input_size: tuple[int, int] | None) -> dict:
         if name in train:
             params[name] = train[name]
     recipe = dict(training.get("recipe", {}))
-    for name in ("strategy", "views", "unfreeze", "finetune_epochs", "finetune_lr"):
+    for name in ("strategy", "views", "unfreeze", "finetune_epochs", "finetune_lr", "finetune_rates"):
         if name in recipe:
             params[name] = recipe[name]
     if recipe.get("augment") and recipe.get("strategy") != "frozen":

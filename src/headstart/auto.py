@@ -254,11 +254,11 @@ def _estimate(name, weights, params, cache, digests) -> float:
 def _finetune_estimate(name, weights, params, splits, cache, digests) -> float:
     """Seconds fine-tuning should take: the boundary activations the cache lacks (every view of train, and val)
     times one measured pass of the lower part; then the range test's steps (unless a rate is given) and the
-    fine-tuning epochs' steps times one measured training step of the top and a head, with a pass over val per
+    fine-tuning epochs' steps (once per rate tried) times one measured training step of the top and a head, with a pass over val per
     epoch and the top run once over every view for the head stage."""
     recipe = Recipe(strategy="finetune", augment=params.get("augment"), views=params.get("views", 5),
                     unfreeze=params.get("unfreeze"), finetune_epochs=params.get("finetune_epochs", 15),
-                    finetune_lr=params.get("finetune_lr"))
+                    finetune_lr=params.get("finetune_lr"), finetune_rates=params.get("finetune_rates", 3))
     bb = create_backbone(name, weights, params.get("input_size")).freeze().eval()
     lower, upper = split_backbone(bb, recipe.unfreeze or bb.entry.finetune_groups)
     n_train, n_val = len(splits.train), len(splits.val) if splits.val is not None else 0
@@ -270,7 +270,8 @@ def _finetune_estimate(name, weights, params, splits, cache, digests) -> float:
     batch = max(1, min(params.get("batch_size", 32), n_train))
     step = _step_seconds(upper, lower.feature_shape, bb.num_features, len(splits.train.classes), batch)
     per_epoch = math.ceil(n_train / batch) + math.ceil(n_val / batch) / 3  # a forward pass is about a third
-    steps = (100 if recipe.finetune_lr is None else 0) + recipe.finetune_epochs * per_epoch
+    rates = recipe.finetune_rates if recipe.finetune_lr is None and n_val else 1  # each rate tried is a fine-tune
+    steps = (100 if recipe.finetune_lr is None else 0) + rates * recipe.finetune_epochs * per_epoch
     top_once = (views * n_train + n_val) / batch / 3
     bb.freeze()
     return (extraction + (steps + top_once) * step) * 1.2 + 3.0

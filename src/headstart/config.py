@@ -265,6 +265,9 @@ class Recipe:
     finetune_lr: float | None = option(None, "learning rate of the last layer group; earlier ones get less "
                                        "(default: the learning-rate range test's suggestion, as lr-find)",
                                        type=float)
+    finetune_rates: int = option(3, "without --finetune-lr and with a validation set: rates tried from the range "
+                                 "test's suggestion up, half a decade apart, the best on validation kept (1: the "
+                                 "suggestion alone)", type=int)
     lr_decay: float = option(0.5, "learning-rate factor per earlier layer group", cli=False)
     head_lr_factor: float = option(10.0, "the head's learning rate while fine-tuning, as a multiple of finetune_lr",
                                    cli=False)
@@ -284,6 +287,9 @@ class Recipe:
         _finite("finetune_weight_decay", self.finetune_weight_decay, 0.0)
         if self.finetune_epochs < 1:
             raise ConfigError(f"finetune_epochs must be >= 1, got {self.finetune_epochs} (--finetune-epochs)")
+        if isinstance(self.finetune_rates, bool) or not isinstance(self.finetune_rates, int) or self.finetune_rates < 1:
+            raise ConfigError(f"finetune_rates must be a whole number of at least 1, got {self.finetune_rates!r} "
+                              "(--finetune-rates)")
         if self.augmentation not in AUGMENTS:
             raise ConfigError(f"augmentation {self.augmentation!r} is not one of {sorted(AUGMENTS)}")
 

@@ -34,10 +34,11 @@ class LrFind:
     suggestion: float = float("nan")
     steepest: float = float("nan")
     valley: float = float("nan")                          # the minimum's learning rate / 10
+    edge: float = float("nan")                            # the last rate before the loss rises off its low stretch
 
     def to_dict(self) -> dict:
         return {"suggestion": self.suggestion, "steepest": self.steepest, "minimum_over_10": self.valley,
-                "lrs": self.lrs, "losses": self.losses}
+                "edge": self.edge, "lrs": self.lrs, "losses": self.losses}
 
 
 def range_test(model: nn.Module, param_groups: list[dict], views: list[torch.Tensor], y: torch.Tensor, *,
@@ -93,6 +94,8 @@ def _suggest(found: LrFind) -> None:
     found.steepest = float(10 ** lrs[lo + int(np.argmin(grads))])
     low = int(np.argmin(losses))
     found.valley = float(10 ** lrs[low] / 10)
+    # the loss's low stretch: within 10% of its minimum; past its last rate the loss climbs
+    found.edge = float(10 ** lrs[int(np.nonzero(losses[:hi] <= 1.1 * losses[low])[0][-1])])
     # the steepest descent when the loss does come down before its minimum, but never past the minimum's tenth
     # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat curve
     descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
@@ -101,8 +104,7 @@ def _suggest(found: LrFind) -> None:
     else:
         # flat, then rising: the minimum is wherever the noise put it, often the sweep's first rate, and its tenth
         # would lie below every rate tried; a tenth of the last rate before the loss leaves its flat stretch
-        flat = np.nonzero(losses[:hi] <= 1.1 * losses[low])[0]
-        found.suggestion = max(float(10 ** lrs[int(flat[-1])] / 10), found.lrs[0])
+        found.suggestion = max(found.edge / 10, found.lrs[0])
 
 
 def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test") -> Path:
@@ -119,6 +121,8 @@ def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test
     ax.set_ylabel("training loss (smoothed)")
     if math.isfinite(found.suggestion):
         ax.axvline(found.suggestion, color="tab:red", linestyle="--", label=f"suggestion {found.suggestion:.2e}")
+        if math.isfinite(found.edge) and found.edge > found.suggestion:
+            ax.axvline(found.edge, color="tab:gray", linestyle=":", label=f"loss starts to climb {found.edge:.2e}")
         ax.legend()
     ax.set_title(title)
     fig.tight_layout()

@@ -158,15 +158,19 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     found = None
     # label errors are looked for in the features before fine-tuning: a top fitted to train's labels would hide them
     label_features = _as_extracted(top(views[0]), head) if upper is not None else None
+    tried = None
     if upper is not None:
-        lr = recipe.finetune_lr
-        if lr is None:  # an explicit --finetune-lr wins; else the range test on the trained head sets it
+        rates = [recipe.finetune_lr]
+        if recipe.finetune_lr is None:  # an explicit --finetune-lr wins; else the range test on the trained head
             found = _range_test(recipe, config, upper, head, views, y_tr, hardware.device)
-            lr = found.suggestion if np.isfinite(found.suggestion) else FALLBACK_LR
-            log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e); fine-tuning "
-                     "at %.2e", found.suggestion, found.steepest, found.valley, lr)
-        stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
-                           progress, hardware, dist, lr=lr)
+            suggestion = found.suggestion if np.isfinite(found.suggestion) else FALLBACK_LR
+            count = recipe.finetune_rates if val is not None and len(val.ok) else 1  # nothing to choose by
+            rates = finetune_rates(suggestion, found.edge, count)
+            log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e, the loss climbs "
+                     "after %.2e); fine-tuning at %s", found.suggestion, found.steepest, found.valley, found.edge,
+                     ", ".join(f"{r:.2e}" for r in rates))
+        stage2, lr, tried = _finetune_at(rates, recipe, config, upper, head, views, y_tr, val, y_va, history,
+                                         checkpoint_dir, resume, progress, hardware, dist)
         if any(row["best"] for row in stage2):  # the saved weights are one epoch's, across both stages
             for row in history:
                 row["best"] = False
@@ -181,7 +185,7 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     seconds = {"extraction": t_trained - t_start, "training": time.perf_counter() - t_trained}
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
                        base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
-                       seconds, selection, found.to_dict() | {"used": lr} if found is not None else None,
+                       seconds, selection, found.to_dict() | {"used": lr, "tried": tried} if found is not None else None,
                        label_features, ok if upper is not None else None)
 
 
@@ -305,11 +309,64 @@ def keeps_finetuned(head_accuracy: float | None, stage2: list[dict]) -> bool:
     best = [r for r in stage2 if r.get("best")]
     if not best:
         return False
-    return head_accuracy is None or best[0].get("val_accuracy", head_accuracy) >= head_accuracy - 1e-9
+    # 1e-6: the same count of right images, whichever precision each share was computed in
+    return head_accuracy is None or best[0].get("val_accuracy", head_accuracy) >= head_accuracy - 1e-6
+
+
+def finetune_rates(suggestion: float, edge: float, count: int) -> list[float]:
+    """The rates fine-tuning tries: ``count`` of them evenly spaced (in log) from the range test's suggestion up
+    to the last rate before its loss starts to climb (``edge``; ten times the suggestion when that is not above
+    it). Up, because the test runs after the head has fitted train: its curve is flat, the suggestion is cautious,
+    and where the flat curve breaks is the one clear mark on it."""
+    if count == 1:
+        return [suggestion]
+    top = edge if np.isfinite(edge) and edge > suggestion else 10 * suggestion
+    return [float(r) for r in np.geomspace(suggestion, top, count)]
+
+
+def _finetune_at(rates, recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
+                 progress, hardware, dist) -> tuple[list[dict], float, list[dict] | None]:
+    """Fine-tune from the head stage at each rate and keep the run best on validation (accuracy, then loss); a run
+    that does not replace the head stage scores as the head stage. Returns its history, its rate and, when more
+    than one rate was tried, what each reached. Each rate has its own checkpoint, so a resumed run continues the
+    rate it was at and replays the finished ones from theirs."""
+    if len(rates) == 1:
+        return _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
+                         progress, hardware, dist, lr=rates[0]), rates[0], None
+    model = nn.Sequential(upper, head)
+    start = _snapshot(model)
+    best, tried, first = None, [], None
+    for i, lr in enumerate(rates):
+        model.load_state_dict(start)
+        stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
+                           progress, hardware, dist, lr=lr, checkpoint_name=_checkpoint_name(i))
+        row = next((r for r in stage2 if r["best"]), None)
+        score = (row["val_accuracy"], -row["val_loss"]) if row else None
+        tried.append({"lr": lr, "epochs": len(stage2), "replaced_head": row is not None,
+                      "val_accuracy": row["val_accuracy"] if row else None, "val_loss": row["val_loss"] if row else None})
+        log.info("fine-tuning at %.2e: %s", lr, f"val accuracy {row['val_accuracy']:.4f}, val loss "
+                 f"{row['val_loss']:.4f} (epoch {row['epoch']})" if row else "did not beat the head stage")
+        if score is not None and (best is None or score > best[0]):
+            best = (score, lr, stage2, _snapshot(model))
+        first = first if first is not None else stage2
+    if best is None:  # no rate beat the head stage: its weights, and the first rate's epochs for the record
+        model.load_state_dict(start)
+        return first, rates[0], tried
+    model.load_state_dict(best[3])
+    return best[2], best[1], tried
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _checkpoint_name(i: int) -> str:
+    return "finetune.safetensors" if i == 0 else f"finetune-{i + 1}.safetensors"
 
 
 def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume, progress,
-              hardware, dist: Distributed = SINGLE, lr: float | None = None) -> list[dict]:
+              hardware, dist: Distributed = SINGLE, lr: float | None = None,
+              checkpoint_name: str = "finetune.safetensors") -> list[dict]:
     """The second stage: the unfrozen top and the head together, from the head stage's best weights (an epoch
     must beat the head stage's best monitored loss, and be as accurate on validation, to replace them)."""
     model = nn.Sequential(upper, head)
@@ -318,7 +375,7 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
                                warmup_epochs=recipe.finetune_warmup_epochs, cosine=True,
                                clip_grad=config.clip_grad or recipe.finetune_clip_grad)
     weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
-    ckpt = checkpoint_dir / "finetune.safetensors" if checkpoint_dir else None
+    ckpt = checkpoint_dir / checkpoint_name if checkpoint_dir else None
     yv = torch.as_tensor(y_va) if val is not None else None
     # the head stage's best row: the weights fine-tuning starts from, and the figures it must beat
     head_row = min(history, key=lambda r: r["val_loss"] if val else r["train_loss"])

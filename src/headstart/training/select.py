@@ -175,7 +175,7 @@ def _fit_score(cand, template, z, y, zv, yv, config, device, keep=False):
 
 def _scores(logits: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
     yt = torch.as_tensor(y)
-    return (float((logits.argmax(1) == yt).float().mean()),
+    return (float((logits.argmax(1) == yt).double().mean()),
             float(torch.nn.functional.cross_entropy(logits, yt)))
 
 
