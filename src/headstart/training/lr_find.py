@@ -34,7 +34,7 @@ class LrFind:
     suggestion: float = float("nan")
     steepest: float = float("nan")
     valley: float = float("nan")                          # the minimum's learning rate / 10
-    edge: float = float("nan")                            # the last rate before the loss rises off its low stretch
+    edge: float = float("nan")                            # the last rate before the loss passes twice its minimum
 
     def to_dict(self) -> dict:
         return {"suggestion": self.suggestion, "steepest": self.steepest, "minimum_over_10": self.valley,
@@ -94,8 +94,9 @@ def _suggest(found: LrFind) -> None:
     found.steepest = float(10 ** lrs[lo + int(np.argmin(grads))])
     low = int(np.argmin(losses))
     found.valley = float(10 ** lrs[low] / 10)
-    # the loss's low stretch: within 10% of its minimum; past its last rate the loss climbs
-    found.edge = float(10 ** lrs[int(np.nonzero(losses[:hi] <= 1.1 * losses[low])[0][-1])])
+    # where the loss climbs: past twice its minimum, after it (noise on a flat curve stays well under that)
+    above = np.nonzero(losses[low:] > 2 * losses[low])[0]
+    found.edge = float(10 ** lrs[low + int(above[0]) - 1] if len(above) else found.lrs[-1])
     # the steepest descent when the loss does come down before its minimum, but never past the minimum's tenth
     # (a drop just before the blow-up is no place to train); a head trained beforehand often leaves a flat curve
     descends = losses[low] < 0.95 * losses[lo] and 10 ** lrs[lo] < found.steepest < 10 ** lrs[low]
@@ -104,7 +105,8 @@ def _suggest(found: LrFind) -> None:
     else:
         # flat, then rising: the minimum is wherever the noise put it, often the sweep's first rate, and its tenth
         # would lie below every rate tried; a tenth of the last rate before the loss leaves its flat stretch
-        found.suggestion = max(found.edge / 10, found.lrs[0])
+        flat = np.nonzero(losses[:hi] <= 1.1 * losses[low])[0]
+        found.suggestion = max(float(10 ** lrs[int(flat[-1])] / 10), found.lrs[0])
 
 
 def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test") -> Path:
@@ -122,7 +124,7 @@ def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test
     if math.isfinite(found.suggestion):
         ax.axvline(found.suggestion, color="tab:red", linestyle="--", label=f"suggestion {found.suggestion:.2e}")
         if math.isfinite(found.edge) and found.edge > found.suggestion:
-            ax.axvline(found.edge, color="tab:gray", linestyle=":", label=f"loss starts to climb {found.edge:.2e}")
+            ax.axvline(found.edge, color="tab:gray", linestyle=":", label=f"loss at twice its minimum after {found.edge:.2e}")
         ax.legend()
     ax.set_title(title)
     fig.tight_layout()

@@ -166,8 +166,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
             suggestion = found.suggestion if np.isfinite(found.suggestion) else FALLBACK_LR
             count = recipe.finetune_rates if val is not None and len(val.ok) else 1  # nothing to choose by
             rates = finetune_rates(suggestion, found.edge, count)
-            log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e, the loss climbs "
-                     "after %.2e); fine-tuning at %s", found.suggestion, found.steepest, found.valley, found.edge,
+            log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e, loss at twice "
+                     "its minimum after %.2e); fine-tuning at %s", found.suggestion, found.steepest, found.valley, found.edge,
                      ", ".join(f"{r:.2e}" for r in rates))
         stage2, lr, tried = _finetune_at(rates, recipe, config, upper, head, views, y_tr, val, y_va, history,
                                          checkpoint_dir, resume, progress, hardware, dist)
@@ -315,9 +315,9 @@ def keeps_finetuned(head_accuracy: float | None, stage2: list[dict]) -> bool:
 
 def finetune_rates(suggestion: float, edge: float, count: int) -> list[float]:
     """The rates fine-tuning tries: ``count`` of them evenly spaced (in log) from the range test's suggestion up
-    to the last rate before its loss starts to climb (``edge``; ten times the suggestion when that is not above
-    it). Up, because the test runs after the head has fitted train: its curve is flat, the suggestion is cautious,
-    and where the flat curve breaks is the one clear mark on it."""
+    to the last rate before its loss passes twice its minimum (``edge``; ten times the suggestion when that is not
+    above it). Up, because the test runs after the head has fitted train: its curve is flat, the suggestion is
+    cautious, and where the loss climbs is the one clear mark on such a curve."""
     if count == 1:
         return [suggestion]
     top = edge if np.isfinite(edge) and edge > suggestion else 10 * suggestion
