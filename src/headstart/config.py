@@ -266,7 +266,7 @@ class Recipe:
                                        "(default: the learning-rate range test's suggestion, as lr-find)",
                                        type=float)
     finetune_rates: int = option(3, "without --finetune-lr and with a validation set: rates tried from the range "
-                                 "test's suggestion up, half a decade apart, the best on validation kept (1: the "
+                                 "test's suggestion up to where its loss climbs, the best on validation kept (1: the "
                                  "suggestion alone)", type=int)
     lr_decay: float = option(0.5, "learning-rate factor per earlier layer group", cli=False)
     head_lr_factor: float = option(10.0, "the head's learning rate while fine-tuning, as a multiple of finetune_lr",
