@@ -114,4 +114,5 @@ def test_the_rate_kept_is_the_most_accurate_on_val_then_the_lowest_loss_and_its_
         upper.weight.zero_()
     reached.update({1.0: None, 2.0: None, 3.0: None})
     stage2, lr, tried = recipes._finetune_at([1.0, 2.0, 3.0], *args)
-    assert float(upper.weight.detach().abs().sum()) == 0 and not any(r["best"] for r in stage2)  # the head stage's weights
+    # no rate won: the head stage's weights are left
+    assert float(upper.weight.detach().abs().sum()) == 0 and not any(r["best"] for r in stage2)

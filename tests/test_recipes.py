@@ -80,32 +80,34 @@ def _ctrl_c_after(n: int, checkpoint: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
-def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
-    kw = FAST | dict(strategy="finetune", views=2, unfreeze=2, finetune_epochs=6, dropout=0.3)
-    whole = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "a")
+def _interrupted_and_resumed(kw, data, tmp_path, monkeypatch, checkpoint: str, n: int):
+    """The same fit whole, and stopped by Ctrl-C after the ``n``-th landing of ``checkpoint``, then resumed."""
+    whole = headstart.ImageClassifier(**kw).fit(data, out=tmp_path / "a")
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        _ctrl_c_after(3, tmp_path / "b" / "checkpoints" / "finetune.safetensors", m)
-        headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b")
-    resumed = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b", resume=True)
+        _ctrl_c_after(n, tmp_path / "b" / "checkpoints" / checkpoint, m)
+        headstart.ImageClassifier(**kw).fit(data, out=tmp_path / "b")
+    return whole, headstart.ImageClassifier(**kw).fit(data, out=tmp_path / "b", resume=True)
+
+
+def _assert_same_run(resumed, whole, data) -> None:
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history_) == strip(whole.history_)
-    files = sorted((image_folder / "val").glob("*/*.png"))
+    files = sorted((data / "val").glob("*/*.png"))
     torch.testing.assert_close(torch.tensor(resumed.predict_proba(files)), torch.tensor(whole.predict_proba(files)))
+
+
+def test_interrupted_finetune_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
+    kw = FAST | dict(strategy="finetune", views=2, unfreeze=2, finetune_epochs=6, dropout=0.3)
+    whole, resumed = _interrupted_and_resumed(kw, image_folder, tmp_path, monkeypatch, "finetune.safetensors", 3)
+    _assert_same_run(resumed, whole, image_folder)
 
 
 def test_fine_tuning_interrupted_at_its_second_rate_resumes_to_the_same_result(image_folder, tmp_path, monkeypatch):
     kw = FAST | dict(strategy="finetune", views=1, finetune_epochs=3, finetune_lr=None, epochs=3)
-    whole = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "a")
-    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        _ctrl_c_after(2, tmp_path / "b" / "checkpoints" / "finetune-2.safetensors", m)
-        headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b")
-    resumed = headstart.ImageClassifier(**kw).fit(image_folder, out=tmp_path / "b", resume=True)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    whole, resumed = _interrupted_and_resumed(kw, image_folder, tmp_path, monkeypatch, "finetune-2.safetensors", 2)
     assert len(whole.report_.lr_find["tried"]) == 3
     assert resumed.report_.lr_find["tried"] == whole.report_.lr_find["tried"]
-    assert strip(resumed.history_) == strip(whole.history_)
-    files = sorted((image_folder / "val").glob("*/*.png"))
-    torch.testing.assert_close(torch.tensor(resumed.predict_proba(files)), torch.tensor(whole.predict_proba(files)))
+    _assert_same_run(resumed, whole, image_folder)
 
 
 # the CLI, killed with SIGKILL by itself right after its CHECKPOINTS-th fine-tuning checkpoint has landed

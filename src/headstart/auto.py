@@ -254,8 +254,8 @@ def _estimate(name, weights, params, cache, digests) -> float:
 def _finetune_estimate(name, weights, params, splits, cache, digests) -> float:
     """Seconds fine-tuning should take: the boundary activations the cache lacks (every view of train, and val)
     times one measured pass of the lower part; then the range test's steps (unless a rate is given) and the
-    fine-tuning epochs' steps (once per rate tried) times one measured training step of the top and a head, with a pass over val per
-    epoch and the top run once over every view for the head stage."""
+    fine-tuning epochs' steps (once per rate tried) times one measured training step of the top and a head,
+    with a pass over val per epoch and the top run once over every view for the head stage."""
     recipe = Recipe(strategy="finetune", augment=params.get("augment"), views=params.get("views", 5),
                     unfreeze=params.get("unfreeze"), finetune_epochs=params.get("finetune_epochs", 15),
                     finetune_lr=params.get("finetune_lr"), finetune_rates=params.get("finetune_rates", 3))

@@ -124,7 +124,8 @@ def plot(found: LrFind, path: str | Path, title: str = "learning-rate range test
     if math.isfinite(found.suggestion):
         ax.axvline(found.suggestion, color="tab:red", linestyle="--", label=f"suggestion {found.suggestion:.2e}")
         if math.isfinite(found.edge) and found.edge > found.suggestion:
-            ax.axvline(found.edge, color="tab:gray", linestyle=":", label=f"loss at twice its minimum after {found.edge:.2e}")
+            ax.axvline(found.edge, color="tab:gray", linestyle=":",
+                       label=f"loss at twice its minimum after {found.edge:.2e}")
         ax.legend()
     ax.set_title(title)
     fig.tight_layout()

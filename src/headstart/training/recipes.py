@@ -167,8 +167,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
             count = recipe.finetune_rates if val is not None and len(val.ok) else 1  # nothing to choose by
             rates = finetune_rates(suggestion, found.edge, count)
             log.info("learning-rate range test: suggestion %.2e (steepest %.2e, minimum/10 %.2e, loss at twice "
-                     "its minimum after %.2e); fine-tuning at %s", found.suggestion, found.steepest, found.valley, found.edge,
-                     ", ".join(f"{r:.2e}" for r in rates))
+                     "its minimum after %.2e); fine-tuning at %s", found.suggestion, found.steepest, found.valley,
+                     found.edge, ", ".join(f"{r:.2e}" for r in rates))
         stage2, lr, tried = _finetune_at(rates, recipe, config, upper, head, views, y_tr, val, y_va, history,
                                          checkpoint_dir, resume, progress, hardware, dist)
         if any(row["best"] for row in stage2):  # the saved weights are one epoch's, across both stages
@@ -185,7 +185,8 @@ def train_recipe(recipe: Recipe, backbone, splits, head: Head, config: TrainConf
     seconds = {"extraction": t_trained - t_start, "training": time.perf_counter() - t_trained}
     return TrainResult(head, history, top(val.features) if val is not None else None, val.ok if val else [], errors,
                        base, val, {"train": passes, "val": val_counts[0]}, {"train": cached, "val": val_counts[1]},
-                       seconds, selection, found.to_dict() | {"used": lr, "tried": tried} if found is not None else None,
+                       seconds, selection,
+                       found.to_dict() | {"used": lr, "tried": tried} if found is not None else None,
                        label_features, ok if upper is not None else None)
 
 
@@ -335,23 +336,23 @@ def _finetune_at(rates, recipe, config, upper, head, views, y_tr, val, y_va, his
                          progress, hardware, dist, lr=rates[0]), rates[0], None
     model = nn.Sequential(upper, head)
     start = _snapshot(model)
-    best, tried, first = None, [], None
+    best, tried, runs = None, [], []
     for i, lr in enumerate(rates):
         model.load_state_dict(start)
         stage2 = _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, checkpoint_dir, resume,
                            progress, hardware, dist, lr=lr, checkpoint_name=_checkpoint_name(i))
         row = next((r for r in stage2 if r["best"]), None)
         score = (row["val_accuracy"], -row["val_loss"]) if row else None
+        runs.append(stage2)
         tried.append({"lr": lr, "epochs": len(stage2), "replaced_head": row is not None,
-                      "val_accuracy": row["val_accuracy"] if row else None, "val_loss": row["val_loss"] if row else None})
+                      "val_accuracy": row and row["val_accuracy"], "val_loss": row and row["val_loss"]})
         log.info("fine-tuning at %.2e: %s", lr, f"val accuracy {row['val_accuracy']:.4f}, val loss "
                  f"{row['val_loss']:.4f} (epoch {row['epoch']})" if row else "did not beat the head stage")
         if score is not None and (best is None or score > best[0]):
             best = (score, lr, stage2, _snapshot(model))
-        first = first if first is not None else stage2
     if best is None:  # no rate beat the head stage: its weights, and the first rate's epochs for the record
         model.load_state_dict(start)
-        return first, rates[0], tried
+        return runs[0], rates[0], tried
     model.load_state_dict(best[3])
     return best[2], best[1], tried
 
@@ -381,7 +382,7 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
     head_row = min(history, key=lambda r: r["val_loss"] if val else r["train_loss"])
     best_head = head_row["val_loss"] if val else head_row["train_loss"]
     head_accuracy = head_row.get("val_accuracy") if val is not None else None
-    head_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    head_state = _snapshot(model)
     stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
                       class_weight=weight, checkpoint=ckpt, resume=resume, progress=progress,
                       desc="fine-tune", baseline=best_head, device=hardware.device, dist=dist)
