@@ -113,6 +113,7 @@ def test_a_head_from_another_save_cannot_shift_labels(tmp_path):
 @pytest.mark.parametrize("change,message", [
     (lambda c: c["head"].update(hidden=[10**9]), "hidden layer widths must be whole numbers from 1 to 16384"),
     (lambda c: c["data_config"].update(input_size=[100000, 100000]), "input_size must be two whole numbers from 1 to 4096"),
+    (lambda c: c["data_config"].update(std=[1e300, 1, 1]), "std is for pixels scaled to 0..1"),
     (lambda c: c["data_config"].update(weights_file="../x"), "lacks or garbles a field"),
     (lambda c: c.update(classes=["blue", "red", "green"]), r"says classes \['blue', 'red', 'green'\] but the weights were saved with \['blue', 'red'\]"),
     (lambda c: c["backbone"].update(name="../../evil"), "says backbone .*'../../evil'.* but the weights were saved with"),

@@ -103,6 +103,10 @@ class DataConfig:
                 _finite(name, v, 0.0 if name == "std" else None, lo_open=True)
             if name == "mean" and not all(-10 <= v <= 10 for v in values):
                 raise ConfigError(f"mean is for pixels scaled to 0..1, got {values!r}")
+            # past these the normalised pixels overflow float32 or all round to the same value
+            if name == "std" and not all(1e-4 <= v <= 10 for v in values):
+                raise ConfigError(f"std is for pixels scaled to 0..1 (ImageNet's is about 0.22, caffe-style 1/255), "
+                                  f"each from 0.0001 to 10; got {values!r}")
         _finite("crop_pct", self.crop_pct, 0.0, 1.0, lo_open=True)
         if max(size) / self.crop_pct > MAX_SIDE:  # the resize before the centre crop would be this large
             raise ConfigError(f"crop_pct {self.crop_pct!r} would resize images to {max(size) / self.crop_pct:.3g} px "
