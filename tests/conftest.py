@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import sys
 import threading
@@ -40,8 +41,7 @@ VGG16_NOTOP = SHARED / "weights" / "vgg16_imagenet_notop.safetensors"
 # The fast tier's classifier: test_tiny (6k parameters, its own 32x32 input, "pretrained" weights that are a
 # fixed seeded draw available offline), so every process builds the same backbone and can share a cache.
 # Enough epochs that a head on its features separates the generated colour classes.
-# The head as given (no search): these tests are about the epoch loop; tests/test_select.py covers the search.
-# the fast tier's runs train the head as given and fine-tune at a fixed rate: the head search and the learning-rate
+# The fast tier's runs train the head as given and fine-tune at a fixed rate: the head search and the learning-rate
 # range test have their own tests (test_select, test_lr_find) and would cost every other test seconds
 FAST = dict(backbone="test_tiny", epochs=30, patience=30, head_search="off", finetune_lr=1e-4)
 FAST_CLI = ["--backbone", "test_tiny", "--epochs", "5", "--head-search", "off", "--finetune-lr", "1e-4"]
@@ -51,6 +51,12 @@ def fuzz_examples(fast_tier: int) -> int:
     """Examples per fuzz test: ``fast_tier`` (what a run of seconds affords), or ``$HEADSTART_FUZZ_EXAMPLES``
     for a long hunt. A failing example is kept in hypothesis' database and tried first next time."""
     return int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", fast_tier))
+
+
+def pytest_unconfigure(config):
+    """The session is over: the interpreter's exit skips a cycle collection over torch's and timm's objects
+    (as the headstart command does, headstart.cli.command)."""
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

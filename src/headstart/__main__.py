@@ -1,7 +1,5 @@
 """``python -m headstart`` (and ``torchrun ... -m headstart``): the ``headstart`` command."""
 
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import csv
 import errno
+import gc
 import io
 import json
 import logging
@@ -824,5 +825,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> None:
+    """The ``headstart`` console command (and ``python -m headstart``): ``main()``, then exit with its code."""
+    code = main()
+    # At exit the interpreter runs its cycle collector over every object torch, torchvision and timm made at
+    # import (hundreds of thousands), which takes longer than most commands' own output. main() has closed its
+    # files and locks, and what atexit and weakref finalizers do still runs; frozen, those objects are skipped.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
