@@ -173,3 +173,28 @@ def test_a_wrong_path_fails_before_torch_loads(tmp_path, trained):
                  ["evaluate", run, tmp_path / "loose"]):
         code, order = _order(argv, tmp_path)
         assert code == 1 and len(order) == 1 and order[0]["first line"].startswith("error:"), (argv, order)
+
+
+
+def test_the_command_freezes_the_collector_but_main_in_a_program_leaves_it_alone(monkeypatch, capsys):
+    """The headstart command pauses and then freezes the cyclic collector around the model libraries' import (it
+    ends with the process); a program calling main() keeps the collector as it set it."""
+    import gc
+
+    import headstart.cli
+
+    before = gc.get_freeze_count()
+    assert main(["backbones"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == before
+    monkeypatch.setattr(headstart.cli, "_COMMAND", True)
+    try:
+        assert main(["backbones"]) == 0
+        assert gc.isenabled() and gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()  # this test process goes on
+    gc.disable()
+    try:
+        assert main(["backbones"]) == 0 and not gc.isenabled()  # left as the program set it
+    finally:
+        gc.unfreeze()
+        gc.enable()

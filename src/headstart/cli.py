@@ -152,12 +152,36 @@ def _examples(command: str) -> str:
 log = logging.getLogger("headstart")
 
 
+_COMMAND = False  # set by command(): this process is the headstart command and ends with it
+
+
+@contextlib.contextmanager
+def _model_libraries():
+    """Around a command's import of torch, timm and the rest: the collector paused while they load, then frozen.
+
+    They make some 400,000 objects that live as long as the process; while they load the cyclic collector would
+    scan all of them several times over, and again in each later full collection (one lands in every report).
+    Only for the headstart command: a program that imports headstart keeps its own collector as it set it."""
+    if not _COMMAND:
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def _cmd_backbones(args) -> None:
     # the header first: the registry needs torch and timm, which take a few seconds to import
     widths = (22, 10, 44)
     print(f"{'backbone':<{widths[0]}}{'input':<{widths[1]}}{'imagenet weights offline':<{widths[2]}}description",
           flush=True)
-    from .backbones import registry
+    with _model_libraries():
+        from .backbones import registry
 
     for name in registry.names():
         e = registry.get(name)
@@ -173,11 +197,12 @@ def _cmd_summary(args) -> None:
         log.info("summary of %s with the preprocessing of %s", args.backbone, args.weights)
     else:
         log.info("summary of %s: the architecture only (no weights are loaded)", args.backbone)
-    from .backbones.base import create_backbone
-    from .heads import Head, HeadConfig
-    from .model import ImageModel
-    from .backbones.concat import refuse_concatenation
-    from .summary import summary
+    with _model_libraries():
+        from .backbones.base import create_backbone
+        from .backbones.concat import refuse_concatenation
+        from .heads import Head, HeadConfig
+        from .model import ImageModel
+        from .summary import summary
 
     # shapes and counts do not depend on the weights' values: only a named file is read (its JSON may set the
     # input size), and no weight source is asked, so a summary never waits on the network
@@ -194,7 +219,8 @@ def _cmd_summary(args) -> None:
 
 
 def _classifier_from_args(args):
-    from .api import ImageClassifier
+    with _model_libraries():
+        from .api import ImageClassifier
 
     params = {name: getattr(args, name) for cls in TRAIN_CONFIGS for name in _dests(cls)}
     params["hidden"] = tuple(params["hidden"])
@@ -238,7 +264,8 @@ def _write_run_report(clf, out, config: ReportConfig) -> None:
     """The report of the run just saved; the model is saved already, so whatever goes wrong here is a warning."""
     t0 = time.perf_counter()
     try:
-        from .report import build_report
+        with _model_libraries():  # matplotlib and the template; the collector then skips the training's objects
+            from .report import build_report
 
         path = build_report(out, heatmaps=config.heatmaps, classifier=clf)
     except Exception as exc:  # noqa: BLE001 - any failure of the report must leave the saved run usable
@@ -255,7 +282,8 @@ def _print_report_line(path: Path, seconds: float) -> None:
 def _auto_train(args, splits, auto) -> None:
     from pathlib import Path
 
-    from .auto import auto_fit, format_leaderboard
+    with _model_libraries():
+        from .auto import auto_fit, format_leaderboard
     from .io import write_json
 
     if args.strategy != "frozen":
@@ -414,8 +442,9 @@ def _cmd_evaluate(args) -> None:
     if classes is not None:  # the data checked before the model libraries load
         data = load_dataset(args.data, classes)
         log.info("evaluating %s on %s: %d images in %d classes", args.run, args.data, len(data), len(classes))
-    from .api import load
-    from .evaluation import format_metrics
+    with _model_libraries():
+        from .api import load
+        from .evaluation import format_metrics
 
     clf = load(args.run)
     clf.tta = args.tta
@@ -444,7 +473,8 @@ def _cmd_predict(args) -> None:
         raise DatasetError(f"found no image files in {', '.join(args.paths)} (expected .jpg .jpeg .png .gif .bmp "
                            ".webp); nothing to predict")
     log.info("predicting %d image(s) with %s", len(images), args.run)
-    from .api import load
+    with _model_libraries():
+        from .api import load
 
     clf = load(args.run)
     clf.tta = args.tta
@@ -482,8 +512,9 @@ def _cmd_check(args) -> None:
     load_splits(args.data, val=args.val, val_fraction=0.0)  # a wrong path fails before the model libraries load
     if args.exclude:
         read_path_list(args.exclude)
-    from .checks import check_data
-    from .features import FeatureCache
+    with _model_libraries():
+        from .checks import check_data
+        from .features import FeatureCache
 
     cache = None if args.no_cache else (FeatureCache(args.cache) if args.cache else True)
     r = check_data(args.data, val=args.val, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
@@ -525,8 +556,9 @@ def _cmd_explain(args) -> None:
                            ".webp); nothing to explain")
     out = Path(args.out) if args.out else Path(args.run) / "heatmaps"
     log.info("explaining %d image(s) with %s (%s); overlays to %s", len(images), args.run, args.method, out)
-    from .api import load
-    from .explain import explain, overlay, overlay_names
+    with _model_libraries():
+        from .api import load
+        from .explain import explain, overlay, overlay_names
 
     found = explain(load(args.run), images, target=args.target, method=args.method)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,8 +577,9 @@ def _cmd_export(args) -> None:
     out = Path(args.out) if args.out else Path(args.run) / "model.onnx"
     log.info("exporting %s (backbone + head) to %s", args.run, out)
     from .errors import ConfigError
-    from .export import export_onnx_model, is_onnx_file
-    from .runs import load_model
+    with _model_libraries():
+        from .export import export_onnx_model, is_onnx_file
+        from .runs import load_model
 
     if is_onnx_file(args.run):
         raise ConfigError(f"{args.run} is already an exported model; pass the run folder it came from")
@@ -567,7 +600,8 @@ def _cmd_report(args) -> None:
     if args.data is not None and classes is not None:  # the data checked before the model libraries load
         load_dataset(args.data, classes)
     log.info("report of %s on %s", args.run, args.data or "its validation set")
-    from .report import build_report
+    with _model_libraries():
+        from .report import build_report
 
     t0 = time.perf_counter()
     path = build_report(args.run, args.data, out=args.out, heatmaps=config.heatmaps)
@@ -598,7 +632,8 @@ def _cmd_shard(args) -> None:
 def _cmd_demo(args) -> None:
     log.info("demo in %s: scikit-learn's digits as PNG folders, then train (%s), evaluate and predict", args.out,
              args.backbone)
-    from .demo import run_demo
+    with _model_libraries():
+        from .demo import run_demo
 
     run_demo(Path(args.out), per_class=args.per_class, backbone=args.backbone)
 
@@ -606,7 +641,8 @@ def _cmd_demo(args) -> None:
 def _cmd_serve(args) -> None:
     import os
 
-    from .serve import serve  # FastAPI and uvicorn load only for this command
+    with _model_libraries():
+        from .serve import serve  # FastAPI and uvicorn load only for this command
 
     values = {name: getattr(args, name) for name in _dests(ServeConfig)}
     values["api_key"] = values["api_key"] or os.environ.get("HEADSTART_API_KEY") or None
@@ -827,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def command() -> None:
     """The ``headstart`` console command (and ``python -m headstart``): ``main()``, then exit with its code."""
+    global _COMMAND
+    _COMMAND = True
     code = main()
     # At exit the interpreter runs its cycle collector over every object torch, torchvision and timm made at
     # import (hundreds of thousands), which takes longer than most commands' own output. main() has closed its
