@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_MAIN = "import sys; from headstart.cli import main; sys.exit(main())"
+_COMMAND = [sys.executable, "-m", "headstart"]  # as a user runs it
 _TRAIN_TIME = re.compile(r"^time: ([\d.]+) s", re.M)
 _REPORT = re.compile(r"^report: (\S+) \((\d+) KB, ([\d.]+) s\)", re.M)
 
@@ -30,7 +30,7 @@ _REPORT = re.compile(r"^report: (\S+) \((\d+) KB, ([\d.]+) s\)", re.M)
 def _run(argv: list[str], cache: str) -> tuple[float, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HEADSTART_CACHE=cache)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MAIN, *argv], env=env, capture_output=True, text=True)
+    proc = subprocess.run([*_COMMAND, *argv], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"headstart {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -1,9 +1,10 @@
-"""How soon headstart answers: CPU seconds for ``--help`` and each command's help, and the time to the first line
-of output of ``train`` and ``backbones``, for two source trees side by side (an older checkout and this one).
+"""How soon headstart answers: CPU seconds for ``--help`` and each command's help, the time to the first line
+of output of ``train`` and ``backbones``, and whole commands (``backbones``, ``train`` on 24 small photos with its
+report, ``predict`` of one photo), for two source trees side by side (an older checkout and this one).
 
     PYTHONPATH=src python benchmarks/startup.py --old ../base/src --new src --rounds 3
 
-Each figure is the median over ``--rounds`` runs, each a fresh interpreter. CPU seconds are the child's user +
+Each figure is the median over ``--rounds`` runs, each a fresh interpreter running ``python -m headstart``. CPU seconds are the child's user +
 system time (``os.wait4``); the first line is timed from the spawn to the first line on stdout or stderr, and
 the process is stopped there. On a shared machine wall times carry the load: the table shows the load average.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-_MAIN = "import sys; from headstart.cli import main; sys.exit(main())"
+_COMMAND = [sys.executable, "-m", "headstart"]
 
 
 def _env(src: str) -> dict:
@@ -34,7 +35,7 @@ def _env(src: str) -> dict:
 
 def cpu_seconds(src: str, argv: list[str]) -> float:
     """User + system CPU seconds of one ``headstart ARGV`` run to its end."""
-    proc = subprocess.Popen([sys.executable, "-c", _MAIN, *argv], env=_env(src), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*_COMMAND, *argv], env=_env(src), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _, _, usage = os.wait4(proc.pid, 0)
     proc.returncode = 0
@@ -45,7 +46,7 @@ def first_line(src: str, argv: list[str]) -> tuple[float, float, str]:
     """``(wall seconds, CPU seconds, text)`` up to the first line ``headstart ARGV`` writes; the run is stopped
     there."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _MAIN, *argv], env=_env(src), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*_COMMAND, *argv], env=_env(src), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     line = ""
     for line in proc.stdout:
@@ -58,6 +59,18 @@ def first_line(src: str, argv: list[str]) -> tuple[float, float, str]:
     _, _, usage = os.wait4(proc.pid, 0)
     proc.returncode = -9
     return wall, usage.ru_utime + usage.ru_stime, line.strip()
+
+
+def whole(src: str, argv: list[str]) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of one ``headstart ARGV`` run to its end (it must succeed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*_COMMAND, *argv], env=_env(src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"headstart {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def _photos(root: Path) -> Path:
@@ -96,6 +109,21 @@ def main() -> None:
         rows.append((f"wall s to first line: headstart {name}", got["old"][0], got["new"][0], ""))
         rows.append((f"CPU s to first line: headstart {name}", got["old"][1], got["new"][1],
                      f"old: {got['old'][2][:50]!r}; new: {got['new'][2][:50]!r}"))
+    photo = next((data / "val" / "ants").iterdir())
+    for name, argv in (("backbones", ["backbones"]), ("train", ["train", str(data), "--out", None]),
+                       ("predict", ["predict", None, str(photo)])):
+        got = {}
+        for k, src in trees.items():
+            runs = []
+            for r in range(args.rounds):
+                run = str(work / f"whole-{k}-{r}")
+                call = [run if a is None else a for a in argv]
+                if name == "train":
+                    call += ["--overwrite"]
+                runs.append(whole(src, call))
+            got[k] = (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+        rows.append((f"wall s, whole command: headstart {name}", got["old"][0], got["new"][0], ""))
+        rows.append((f"CPU s, whole command: headstart {name}", got["old"][1], got["new"][1], ""))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; median of {args.rounds} rounds; "
           f"old = {args.old}, new = {args.new}\n")
     print(f"| {'measure':<44} | {'old':>7} | {'new':>7} | {'old/new':>7} | first line |")
