@@ -68,6 +68,18 @@ def test_a_flat_curve_suggests_a_tenth_of_where_it_starts_to_rise_never_below_th
     assert np.isclose(found.edge, lrs[41])  # the last rate before the loss passes twice its minimum (0.010 * 1.3**3)
 
 
+def test_a_curve_still_falling_when_the_sweep_ends_gets_a_suggestion():
+    # rising until the sweep's last five steps (which the steepest-descent rule does not read), then falling to
+    # its minimum there: no descent to take a rate from, and no flat stretch at the minimum's level before it
+    from headstart.training.lr_find import LrFind, _suggest
+
+    lrs = list(np.logspace(-7, -1, 30))
+    losses = [1.0 + 0.001 * i * i for i in range(25)] + [0.8, 0.6, 0.4, 0.3, 0.2]
+    found = LrFind(lrs=lrs, losses=losses)
+    _suggest(found)
+    assert lrs[0] <= found.suggestion <= lrs[-1] and np.isfinite(found.edge)
+
+
 def test_without_a_given_rate_fine_tuning_tries_rates_above_the_suggestion_and_keeps_the_best_on_val(tmp_path):
     data = make_folder(tmp_path / "data", per_class=6, val_per_class=3)
     settings = FAST | {"epochs": 3, "strategy": "finetune", "finetune_epochs": 2, "views": 1, "progress": False,

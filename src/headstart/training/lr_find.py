@@ -105,7 +105,8 @@ def _suggest(found: LrFind) -> None:
     else:
         # flat, then rising: the minimum is wherever the noise put it, often the sweep's first rate, and its tenth
         # would lie below every rate tried; a tenth of the last rate before the loss leaves its flat stretch
-        flat = np.nonzero(losses[:hi] <= 1.1 * losses[low])[0]
+        # (the minimum itself counts: it may lie in the last steps, when the sweep ended still going down)
+        flat = np.nonzero(losses[:max(hi, low + 1)] <= 1.1 * losses[low])[0]
         found.suggestion = max(float(10 ** lrs[int(flat[-1])] / 10), found.lrs[0])
 
 
