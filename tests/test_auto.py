@@ -99,8 +99,16 @@ def test_with_time_the_best_two_are_concatenated_and_the_best_fine_tuned(tmp_pat
     if saved is tuned:  # fine-tuning is kept only when it beats the frozen best on validation
         assert tuned["val_accuracy"] > max(r["val_accuracy"] for r in board if r is not tuned
                                            and r["status"] == "trained")
-    assert clf.model_.backbone.name == saved["candidate"].removesuffix(" fine-tuned")
+    assert clf.model_.backbone.name == saved["candidate"].split(" fine-tuned")[0]
     assert not any(k in r for r in board for k in ("backbone", "weights", "width"))
+    # then twice as deep (test_tiny fine-tunes 1 of its 3 groups; 2 leaves its stem frozen), under the same rule
+    deeper = rows[f"{best} fine-tuned, 2 layer groups"]
+    assert deeper["status"] == "trained" and deeper["unfreeze"] == 2 and tuned["unfreeze"] == 1
+    if saved is deeper:
+        assert deeper["val_accuracy"] > max(r["val_accuracy"] for r in board if r is not deeper
+                                            and r["status"] == "trained")
+    elif tuned is not saved:
+        assert saved["val_accuracy"] >= deeper["val_accuracy"]
 
 
 def test_the_new_candidates_are_skipped_when_their_estimate_does_not_fit(tmp_path, two_tiny, monkeypatch):

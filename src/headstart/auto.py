@@ -14,7 +14,10 @@ past the budget is skipped and listed as such. The first candidate always runs, 
 Then two more, under the same rule: the concatenation of the two best backbones (``a+b``, see
 ``backbones.concat``; its head selection estimated from theirs, scaled by its width), scored like them; and the
 best backbone fine-tuned (``--strategy finetune``), estimated from its boundary activations still to compute and
-one timed training step, scored on validation and kept only when it beats the best there.
+one timed training step, scored on validation and kept only when it beats the best there. Last, when time is
+left, the same backbone fine-tuned twice as deep (``deeper_unfreeze``: twice its layer groups, the stem kept
+frozen), under the same rule: on photos like ImageNet's the top groups suffice and it is not kept; on data far
+from them (digits, tiles, scans) the earlier groups are where it can gain.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .errors import ConfigError, HeadstartError
 from .features import FeatureCache, cache_key, file_digest
 from .training.finetune import split_backbone
 
-__all__ = ["AutoConfig", "auto_fit", "auto_candidates", "OFFLINE_FAMILY", "format_leaderboard"]
+__all__ = ["AutoConfig", "auto_fit", "auto_candidates", "deeper_unfreeze", "OFFLINE_FAMILY", "format_leaderboard"]
 
 log = logging.getLogger("headstart")
 
@@ -88,8 +91,21 @@ def auto_fit(splits: Splits, auto: AutoConfig, params: dict, *, cache=True,
                       select_scale=sum(r["width"] for r in pair) / min(r["width"] for r in pair),
                       select_seconds=max(r["select_seconds"] for r in pair))
     if singles:
-        search.finetuned(singles[0]["backbone"], singles[0]["weights"])
+        name, weights = singles[0]["backbone"], singles[0]["weights"]
+        search.finetuned(name, weights)
+        deeper = deeper_unfreeze(name, weights, params)
+        if deeper is not None:
+            search.finetuned(name, weights, unfreeze=deeper)
     return search.result()
+
+
+def deeper_unfreeze(name: str, weights, params: dict) -> int | None:
+    """The layer groups of the deeper fine-tuning candidate: twice what ``finetune`` unfreezes for these settings
+    (``--unfreeze`` or the backbone's own), short of the stem; None when that is no deeper."""
+    bb = create_backbone(name, weights, params.get("input_size"))
+    base = params.get("unfreeze") or bb.entry.finetune_groups
+    deeper = min(2 * base, len(bb.layer_groups()) - 1)
+    return deeper if deeper > base else None
 
 
 class _Search:
@@ -154,15 +170,19 @@ class _Search:
                "select_seconds": self.last_select}
         self._add(clf, row, row["score"] > self.best[1]["score"] + 1e-9 if self.best else True)
 
-    def finetuned(self, name: str, weights) -> None:
-        """The best backbone fine-tuned (``strategy="finetune"``); it must beat the best on validation."""
-        label = f"{name} fine-tuned" + ("" if weights in ("imagenet", None) else f" ({weights})")
+    def finetuned(self, name: str, weights, unfreeze: int | None = None) -> None:
+        """The best backbone fine-tuned (``strategy="finetune"``, ``unfreeze`` layer groups when given); it must
+        beat the best on validation."""
+        label = (f"{name} fine-tuned" + ("" if unfreeze is None else f", {unfreeze} layer groups")
+                 + ("" if weights in ("imagenet", None) else f" ({weights})"))
+        params = self.params | ({} if unfreeze is None else {"unfreeze": unfreeze})
         t = time.perf_counter()
-        estimate = self._affordable(label, lambda: _finetune_estimate(name, weights, self.params, self.splits,
+        estimate = self._affordable(label, lambda: _finetune_estimate(name, weights, params, self.splits,
                                                                       self.feature_cache, self.digests))
         if estimate is None:
             return
-        clf = self._classifier(label, name=name, weights=weights, strategy="finetune")
+        settings = {} if unfreeze is None else {"unfreeze": unfreeze}
+        clf = self._classifier(label, name=name, weights=weights, strategy="finetune", **settings)
         if clf is None:
             return
         clf.fit(self.splits)
@@ -171,7 +191,8 @@ class _Search:
         row = {"candidate": label, "head": "as configured, then the top layers",
                "score": val if val is not None else float("nan"), "scored_by": "validation",
                "val_accuracy": val, "estimate": estimate, "seconds": time.perf_counter() - t, "status": "trained",
-               "finetune_lr": found["used"] if found else clf.finetune_lr, "backbone": name, "weights": weights}
+               "finetune_lr": found["used"] if found else clf.finetune_lr, "unfreeze": clf.unfreeze or clf.model_.backbone.entry.finetune_groups,
+               "backbone": name, "weights": weights}
         best_val = self.best[1].get("val_accuracy") if self.best else None
         self._add(clf, row, val is not None and (best_val is None or val > best_val + 1e-9))
 
