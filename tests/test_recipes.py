@@ -66,6 +66,18 @@ def test_finetune_trains_only_the_unfrozen_groups(image_folder):
     assert clf.evaluate(image_folder / "val")["accuracy"] == 1.0
 
 
+def test_fine_tuning_starts_from_a_hidden_layer_head_chosen_by_cross_validation(image_folder, monkeypatch):
+    # the epoch-loop head wins (the only candidate): refitted on all of train, its val scores on the saved epoch only
+    from headstart.training import select
+
+    monkeypatch.setattr(select, "C_GRID", ())
+    clf = headstart.ImageClassifier(**(FAST | dict(head_search="auto", finetune_epochs=2)),
+                                    strategy="finetune").fit(image_folder)
+    assert clf.report_.head_selection["chosen"]["name"].startswith("hidden")
+    assert [h["stage"] for h in clf.history_].count("finetune") >= 1
+    assert clf.evaluate(image_folder / "val")["accuracy"] == 1.0
+
+
 def _ctrl_c_after(n: int, checkpoint: Path, monkeypatch) -> None:
     """A Ctrl-C right after the ``n``-th fine-tuning checkpoint has landed in ``checkpoint``'s place."""
     real, landed = os.replace, []

@@ -378,9 +378,12 @@ def _finetune(recipe, config, upper, head, views, y_tr, val, y_va, history, chec
     weight = class_weights(y_tr, head.num_classes) if config.class_weight else None
     ckpt = checkpoint_dir / checkpoint_name if checkpoint_dir else None
     yv = torch.as_tensor(y_va) if val is not None else None
-    # the head stage's best row: the weights fine-tuning starts from, and the figures it must beat
-    head_row = min(history, key=lambda r: r["val_loss"] if val else r["train_loss"])
-    best_head = head_row["val_loss"] if val else head_row["train_loss"]
+    # the head stage's best row: the weights fine-tuning starts from, and the figures it must beat (a head refitted
+    # on all of train after cross-validation has its validation scores on that row alone)
+    key = "val_loss" if val is not None else "train_loss"
+    head_row = next((r for r in history if r.get("best") and key in r), None) or min(
+        (r for r in history if key in r), key=lambda r: r[key])
+    best_head = head_row[key]
     head_accuracy = head_row.get("val_accuracy") if val is not None else None
     head_state = _snapshot(model)
     stage2 = run_loop(model, groups, views, torch.as_tensor(y_tr), val.features if val else None, yv, loop,
