@@ -551,13 +551,13 @@ def _report(splits: Splits, result: TrainResult, recipe: Recipe, backbone: Backb
 
 
 def stage_bests(history: list[dict]) -> dict[str, dict]:
-    """Each training stage's best epoch (lowest monitored loss: validation, else training), by stage name."""
+    """Each training stage's best epoch (lowest monitored loss: validation, else training), by stage name. A head
+    refitted on all of train after cross-validation has validation scores on its saved epoch only: that one."""
     out: dict[str, dict] = {}
-    for row in history:
-        loss = row.get("val_loss", row.get("train_loss"))
-        stage = row.get("stage", "head")
-        if stage not in out or loss < out[stage].get("val_loss", out[stage].get("train_loss")):
-            out[stage] = row
+    for stage in dict.fromkeys(r.get("stage", "head") for r in history):
+        rows = [r for r in history if r.get("stage", "head") == stage]
+        scored = [r for r in rows if "val_loss" in r]
+        out[stage] = min(scored, key=lambda r: r["val_loss"]) if scored else min(rows, key=lambda r: r["train_loss"])
     return out
 
 
