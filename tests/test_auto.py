@@ -40,7 +40,8 @@ def test_a_tiny_budget_runs_the_first_candidate_and_skips_the_rest(tmp_path, mon
     assert clf.predict(splits.val.paths[0]) in clf.classes_
 
 
-def test_with_time_every_candidate_runs_and_the_best_score_wins(tmp_path):
+def test_with_time_every_candidate_runs_and_the_best_score_wins(tmp_path, monkeypatch):
+    monkeypatch.setattr(auto, "deeper_unfreeze", lambda *a: None)  # tested below, with the concatenation
     splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
     clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS, cache=tmp_path / "c",
                           candidates=CANDIDATES[:2])
@@ -130,7 +131,9 @@ def test_a_fine_tuning_estimate_comes_from_a_timed_step(tmp_path):
     assert 3.0 < seconds < 120.0
 
 
-def test_a_concatenation_is_skipped_with_the_reason_when_the_settings_do_not_apply_to_it(tmp_path, two_tiny):
+def test_a_concatenation_is_skipped_with_the_reason_when_the_settings_do_not_apply_to_it(tmp_path, two_tiny,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(auto, "deeper_unfreeze", lambda *a: None)
     splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
     clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS | {"input_size": 32},
                           cache=tmp_path / "c", candidates=two_tiny)

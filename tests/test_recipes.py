@@ -71,7 +71,7 @@ def test_fine_tuning_starts_from_a_hidden_layer_head_chosen_by_cross_validation(
     from headstart.training import select
 
     monkeypatch.setattr(select, "C_GRID", ())
-    clf = headstart.ImageClassifier(**(FAST | dict(head_search="auto", finetune_epochs=2)),
+    clf = headstart.ImageClassifier(**(FAST | dict(head_search="auto", epochs=3, patience=3, finetune_epochs=2)),
                                     strategy="finetune").fit(image_folder)
     assert clf.report_.head_selection["chosen"]["name"].startswith("hidden")
     assert "val_accuracy" in clf.report_.stages["head"]  # what fine-tuning is compared with: the saved epoch
