@@ -237,7 +237,7 @@ import os, signal, sys
 from pathlib import Path
 data_a, data_b, runs, ref = sys.argv[1:5]
 import headstart
-kw = dict(backbone="test_tiny", epochs=1, cache=False, progress=False)
+kw = dict(backbone="test_tiny", epochs=1, head_search="off", cache=False, progress=False)
 a = headstart.ImageClassifier(**kw).fit(data_a)
 b = headstart.ImageClassifier(**kw).fit(data_b)
 a.save(Path(ref) / "a")
