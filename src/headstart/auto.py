@@ -14,7 +14,8 @@ past the budget is skipped and listed as such. The first candidate always runs, 
 Then two more, under the same rule: the concatenation of the two best backbones (``a+b``, see
 ``backbones.concat``; its head selection estimated from theirs, scaled by its width), scored like them; and the
 best backbone fine-tuned (``--strategy finetune``), estimated from its boundary activations still to compute and
-one timed training step, scored on validation and kept only when it beats the best there. Last, when time is
+one timed training step, scored on validation and kept only when it beats the best there (with one augmented
+view instead of ``views`` when only that fits in what is left). Last, when time is
 left, the same backbone fine-tuned twice as deep (``deeper_unfreeze``: twice its layer groups, the stem kept
 frozen), under the same rule: on photos like ImageNet's the top groups suffice and it is not kept; on data far
 from them (digits, tiles, scans) the earlier groups are where it can gain.
@@ -144,6 +145,15 @@ class _Search:
             return None
         return estimate
 
+    def _fits(self, estimate_of) -> float | None:
+        """The estimate when it fits in what is left, else None (nothing recorded: the caller has a cheaper
+        variant to try)."""
+        try:
+            estimate = estimate_of()
+        except HeadstartError:
+            return None
+        return estimate if self.best is None or estimate <= self._left() else None
+
     def frozen(self, name: str, weights, select_scale: float = 1.0, select_seconds: float | None = None) -> None:
         """A backbone (or a concatenation) with its head chosen by ``training.select``."""
         label = name if weights in ("imagenet", None) else f"{name} ({weights})"
@@ -175,13 +185,24 @@ class _Search:
         beat the best on validation."""
         label = (f"{name} fine-tuned" + ("" if unfreeze is None else f", {unfreeze} layer groups")
                  + ("" if weights in ("imagenet", None) else f" ({weights})"))
-        params = self.params | ({} if unfreeze is None else {"unfreeze": unfreeze})
+        settings = {} if unfreeze is None else {"unfreeze": unfreeze}
         t = time.perf_counter()
-        estimate = self._affordable(label, lambda: _finetune_estimate(name, weights, params, self.splits,
-                                                                      self.feature_cache, self.digests))
+
+        def estimate_of(extra: dict):
+            return lambda: _finetune_estimate(name, weights, self.params | settings | extra, self.splits,
+                                              self.feature_cache, self.digests)
+
+        estimate = self._fits(estimate_of({}))
+        if estimate is None and self.params.get("views", 5) > 1:
+            # the augmented views are most of a fine-tune's cost: with one, it may fit where five do not
+            settings["views"] = 1
+            estimate = self._fits(estimate_of(settings))
+            label += ", 1 view" if estimate is not None else ""
+        if estimate is None:
+            settings.pop("views", None)
+            estimate = self._affordable(label, estimate_of({}))
         if estimate is None:
             return
-        settings = {} if unfreeze is None else {"unfreeze": unfreeze}
         clf = self._classifier(label, name=name, weights=weights, strategy="finetune", **settings)
         if clf is None:
             return
@@ -191,7 +212,8 @@ class _Search:
         row = {"candidate": label, "head": "as configured, then the top layers",
                "score": val if val is not None else float("nan"), "scored_by": "validation",
                "val_accuracy": val, "estimate": estimate, "seconds": time.perf_counter() - t, "status": "trained",
-               "finetune_lr": found["used"] if found else clf.finetune_lr, "unfreeze": clf.unfreeze or clf.model_.backbone.entry.finetune_groups,
+               "finetune_lr": found["used"] if found else clf.finetune_lr,
+               "unfreeze": clf.unfreeze or clf.model_.backbone.entry.finetune_groups, "views": clf.views,
                "backbone": name, "weights": weights}
         best_val = self.best[1].get("val_accuracy") if self.best else None
         self._add(clf, row, val is not None and (best_val is None or val > best_val + 1e-9))
