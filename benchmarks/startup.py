@@ -4,9 +4,9 @@ report, ``predict`` of one photo), for two source trees side by side (an older c
 
     PYTHONPATH=src python benchmarks/startup.py --old ../base/src --new src --rounds 3
 
-Each figure is the median over ``--rounds`` runs, each a fresh interpreter running ``python -m headstart``. CPU seconds are the child's user +
-system time (``os.wait4``); the first line is timed from the spawn to the first line on stdout or stderr, and
-the process is stopped there. On a shared machine wall times carry the load: the table shows the load average.
+Each figure is the median over ``--rounds`` runs, each a fresh interpreter running ``python -m headstart``.
+CPU seconds are the child's user + system time (``os.wait4``); the first line is timed from the spawn to the
+first line on stdout or stderr, and the process is stopped there. On a shared machine wall times carry the load: the table shows the load average.
 """
 
 from __future__ import annotations
