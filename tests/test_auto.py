@@ -144,6 +144,19 @@ def test_a_fine_tune_that_fits_only_with_one_view_runs_with_one(tmp_path, monkey
                                                                             "trained", 1)]
 
 
+def test_a_fine_tune_that_fits_only_with_one_view_and_one_rate_runs_so(tmp_path, monkeypatch):
+    estimate = auto._finetune_estimate
+    monkeypatch.setattr(auto, "_finetune_estimate", lambda name, w, params, *a: estimate(name, w, params, *a)
+                        if params.get("finetune_rates") == 1 else 1e6)
+    monkeypatch.setattr(auto, "deeper_unfreeze", lambda *a: None)
+    splits = load_splits(make_folder(tmp_path / "data", per_class=5, val_per_class=2))
+    clf, board = auto_fit(splits, AutoConfig(auto=True, time_budget="10m"), PARAMS, cache=tmp_path / "c",
+                          candidates=CANDIDATES[:1])
+    tuned = [r for r in board if "fine-tuned" in r["candidate"]]
+    assert [(r["candidate"], r["status"], r["views"], r["rates"]) for r in tuned] == [
+        ("test_tiny fine-tuned, 1 view, 1 rate", "trained", 1, 1)]
+
+
 def test_a_concatenation_is_skipped_with_the_reason_when_the_settings_do_not_apply_to_it(tmp_path, two_tiny,
                                                                                           monkeypatch):
     monkeypatch.setattr(auto, "deeper_unfreeze", lambda *a: None)

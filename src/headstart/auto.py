@@ -15,7 +15,8 @@ Then two more, under the same rule: the concatenation of the two best backbones 
 ``backbones.concat``; its head selection estimated from theirs, scaled by its width), scored like them; and the
 best backbone fine-tuned (``--strategy finetune``), estimated from its boundary activations still to compute and
 one timed training step, scored on validation and kept only when it beats the best there (with one augmented
-view instead of ``views`` when only that fits in what is left). Last, when time is
+view instead of ``views``, then also one learning rate instead of ``finetune_rates``, when only that fits in
+what is left). Last, when time is
 left, the same backbone fine-tuned twice as deep (``deeper_unfreeze``: twice its layer groups, the stem kept
 frozen), under the same rule: on photos like ImageNet's the top groups suffice and it is not kept; on data far
 from them (digits, tiles, scans) the earlier groups are where it can gain.
@@ -193,13 +194,15 @@ class _Search:
                                               self.feature_cache, self.digests)
 
         estimate = self._fits(estimate_of({}))
-        if estimate is None and self.params.get("views", 5) > 1:
-            # the augmented views are most of a fine-tune's cost: with one, it may fit where five do not
-            settings["views"] = 1
-            estimate = self._fits(estimate_of(settings))
-            label += ", 1 view" if estimate is not None else ""
+        for cheaper, named in _CHEAPER_FINETUNES:
+            if estimate is not None:
+                break
+            if any(self.params.get(k, default) > v for k, (v, default) in cheaper.items()):
+                estimate = self._fits(estimate_of({k: v for k, (v, _) in cheaper.items()}))
+                if estimate is not None:
+                    settings |= {k: v for k, (v, _) in cheaper.items()}
+                    label += named
         if estimate is None:
-            settings.pop("views", None)
             estimate = self._affordable(label, estimate_of({}))
         if estimate is None:
             return
@@ -214,6 +217,7 @@ class _Search:
                "val_accuracy": val, "estimate": estimate, "seconds": time.perf_counter() - t, "status": "trained",
                "finetune_lr": found["used"] if found else clf.finetune_lr,
                "unfreeze": clf.unfreeze or clf.model_.backbone.entry.finetune_groups, "views": clf.views,
+               "rates": clf.finetune_rates,
                "backbone": name, "weights": weights}
         best_val = self.best[1].get("val_accuracy") if self.best else None
         self._add(clf, row, val is not None and (best_val is None or val > best_val + 1e-9))
@@ -249,6 +253,10 @@ class _Search:
 
 
 _INTERNAL = ("backbone", "weights", "width", "select_seconds")
+# A fine-tune that does not fit in the time left is estimated again with fewer augmented views (their extraction)
+# and then also one rate instead of three (a third of the epochs): {setting: (cheaper value, the default)}
+_CHEAPER_FINETUNES = (({"views": (1, 5)}, ", 1 view"),
+                      ({"views": (1, 5), "finetune_rates": (1, 3)}, ", 1 view, 1 rate"))
 
 
 def _members(name: str) -> list[str]:
