@@ -16,15 +16,15 @@ Then two more, under the same rule: the concatenation of the two best backbones 
 best backbone fine-tuned (``--strategy finetune``), estimated from its boundary activations still to compute and
 one timed training step, scored on validation and kept only when it beats the best there (with one augmented
 view instead of ``views``, then also one learning rate instead of ``finetune_rates``, when only that fits in
-what is left). Last, when time is
-left, the same backbone fine-tuned twice as deep (``deeper_unfreeze``: twice its layer groups, the stem kept
-frozen), under the same rule: on photos like ImageNet's the top groups suffice and it is not kept; on data far
-from them (digits, tiles, scans) the earlier groups are where it can gain.
+what is left). Last, when time is left, the same backbone fine-tuned twice as deep (``deeper_unfreeze``: twice
+its layer groups, the stem kept frozen), under the same rule: on photos like ImageNet's the top groups suffice
+and it is not kept; on data far from them (digits, tiles, scans) the earlier groups are where it can gain.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -193,17 +193,17 @@ class _Search:
             return lambda: _finetune_estimate(name, weights, self.params | settings | extra, self.splits,
                                               self.feature_cache, self.digests)
 
-        estimate = self._fits(estimate_of({}))
-        for cheaper, named in _CHEAPER_FINETUNES:
+        as_given = functools.cache(estimate_of({}))  # estimated once, whether it runs or is skipped
+        lowered = [v for v in _CHEAPER_FINETUNES if any(self.params.get(k, _RECIPE_DEFAULTS[k]) > n
+                                                        for k, n in v.items())]
+        for extra in [{}] + lowered:
+            estimate = self._fits(as_given if not extra else estimate_of(extra))
             if estimate is not None:
+                settings |= extra
+                label += "".join(f", {n} {_VARIANT_WORDS[k]}" for k, n in extra.items())
                 break
-            if any(self.params.get(k, default) > v for k, (v, default) in cheaper.items()):
-                estimate = self._fits(estimate_of({k: v for k, (v, _) in cheaper.items()}))
-                if estimate is not None:
-                    settings |= {k: v for k, (v, _) in cheaper.items()}
-                    label += named
-        if estimate is None:
-            estimate = self._affordable(label, estimate_of({}))
+        else:
+            estimate = self._affordable(label, as_given)  # skipped, with the reason
         if estimate is None:
             return
         clf = self._classifier(label, name=name, weights=weights, strategy="finetune", **settings)
@@ -253,10 +253,11 @@ class _Search:
 
 
 _INTERNAL = ("backbone", "weights", "width", "select_seconds")
-# A fine-tune that does not fit in the time left is estimated again with fewer augmented views (their extraction)
-# and then also one rate instead of three (a third of the epochs): {setting: (cheaper value, the default)}
-_CHEAPER_FINETUNES = (({"views": (1, 5)}, ", 1 view"),
-                      ({"views": (1, 5), "finetune_rates": (1, 3)}, ", 1 view, 1 rate"))
+# A fine-tune that does not fit in the time left is estimated again with one augmented view (the views cost their
+# extraction), then also with one rate (each rate is a whole fine-tune); a variant runs when it lowers a setting
+_CHEAPER_FINETUNES = ({"views": 1}, {"views": 1, "finetune_rates": 1})
+_RECIPE_DEFAULTS = {"views": Recipe().views, "finetune_rates": Recipe().finetune_rates}
+_VARIANT_WORDS = {"views": "view", "finetune_rates": "rate"}
 
 
 def _members(name: str) -> list[str]:
