@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import headstart  # noqa: E402
+import headstart.explain as explain_module  # noqa: E402
 from headstart.explain import _POOLS, _cam_class, _heatmaps, _read, target_layer  # noqa: E402
 from test_explain import _PATCH_COLOURS, _patch_data, _patch_image  # noqa: E402
 
@@ -43,12 +44,27 @@ def _layers(model) -> list[tuple[str, torch.nn.Module, tuple[int, int]]]:
     return [("last map", *seen[-1]), ("one finer (default)", chosen, size)]
 
 
-def _maps(model, method, layer, x):
-    """The maps ``headstart.explain`` makes, at ``layer`` with ``method``, for the predicted classes."""
-    out = []
-    for s in range(0, len(x), 8):
-        out += _heatmaps(model, layer, _cam_class(method), x[s:s + 8], None)[0]
-    return out
+def _maps(model, method, layer, x, smooth=True):
+    """The maps ``headstart.explain`` makes, at ``layer`` with ``method``, for the predicted classes; with
+    ``smooth=False``, the upsampled maps as the grad-cam package returns them (before headstart's smoothing)."""
+    keep = explain_module._smooth
+    if not smooth:
+        explain_module._smooth = lambda heat, _cells: np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+    try:
+        out = []
+        for s in range(0, len(x), 8):
+            out += _heatmaps(model, layer, _cam_class(method), x[s:s + 8], None)[0]
+        return out
+    finally:
+        explain_module._smooth = keep
+
+
+def _inside(maps, boxes, side) -> float:
+    inside = 0
+    for heat, (x0, y0, x1, y1) in zip(maps, boxes):
+        y, xx = np.unravel_index(int(heat.argmax()), heat.shape)
+        inside += x0 <= (xx + .5) * side / heat.shape[1] < x1 and y0 <= (y + .5) * side / heat.shape[0] < y1
+    return inside / len(maps)
 
 
 def main() -> None:
@@ -67,8 +83,13 @@ def main() -> None:
         for i in range(args.held_out):
             path = work / "held" / f"{name}_{i}.png"
             boxes[path] = _patch_image(path, colour, args.side, rng)
-    print(f"| backbone | layer | map | method | inside the square | seconds ({len(boxes)} images) |")
-    print("|---|---|---|---|---|---|")
+    print(f"Held-out: {len(boxes)} images (seed {args.seed}). 'raw': the grad-cam package's upsampled map; "
+          "'smoothed': headstart's (a Gaussian of one cell, zero outside the picture). 'another square': the "
+          "smoothed maps scored against another image's square (chance, with the smoothing's pull to the middle).")
+    print()
+    print("| backbone | layer | map | method | inside: raw | inside: smoothed | another square | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    shuffled = list(boxes.values())[1:] + list(boxes.values())[:1]
     for name in args.backbones:
         kw = {"weights": args.vgg16_weights} if name == "vgg16" and args.vgg16_weights else {}
         clf = headstart.ImageClassifier(backbone=name, input_size=args.side, head="avg", progress=False, **kw)
@@ -78,15 +99,13 @@ def main() -> None:
         names = {m: n for n, m in model.backbone.body.named_modules()}
         for where, layer, size in _layers(model):
             for method in METHODS:
+                raw = _maps(model, method, layer, x, smooth=False)
                 t = time.perf_counter()
-                maps = _maps(model, method, layer, x)
-                inside = 0
-                for heat, (x0, y0, x1, y1) in zip(maps, boxes.values()):
-                    y, xx = np.unravel_index(int(heat.argmax()), heat.shape)
-                    inside += (x0 <= (xx + .5) * args.side / heat.shape[1] < x1
-                               and y0 <= (y + .5) * args.side / heat.shape[0] < y1)
+                smoothed = _maps(model, method, layer, x)
+                seconds = time.perf_counter() - t
                 print(f"| {name} | {where}: `{names.get(layer)}` | {size[0]}x{size[1]} | {method} | "
-                      f"{inside / len(maps):.3f} | {time.perf_counter() - t:.1f} |", flush=True)
+                      f"{_inside(raw, boxes.values(), args.side):.3f} | {_inside(smoothed, boxes.values(), args.side):.3f} | "
+                      f"{_inside(smoothed, shuffled, args.side):.3f} | {seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

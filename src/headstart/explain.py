@@ -7,10 +7,10 @@ backbone, for the predicted or a named class.
     >>> overlay(e).save("ant.heatmap.png")
 
 The target layer is found, not named: the last module of the backbone at the resolution before its last feature
-map's (pooling layers passed over); the default method is LayerCAM, whose maps at that layer peak on the
-evidence. Gradients reach it through the input, which is marked as needing them for the explanation only; the
-frozen backbone's parameters are never touched. A run whose backbone normally runs on ONNX Runtime is explained
-with the torch backbone from the same run's weights.
+map's (pooling layers passed over). The default method is LayerCAM; its maps at that layer, smoothed by a Gaussian
+of one of the layer's cells, peak on the evidence. Gradients start at that layer's output, marked as needing them
+for the explanation only; the frozen backbone's parameters are never touched. A run whose backbone normally runs
+on ONNX Runtime is explained with the torch backbone from the same run's weights.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ def _heatmaps(model: ImageModel, layer: nn.Module, cam_class, x: torch.Tensor, w
             targets = None if wanted is None else [ClassifierOutputTarget(wanted)] * len(x)  # None: predicted
             maps = cam(input_tensor=x.detach(), targets=targets)
             logits = cam.outputs.detach()
+            cells = cam.activations_and_grads.activations[0].shape[-2:]
     finally:
         for h in hooks:
             h.remove()
@@ -204,7 +205,27 @@ def _heatmaps(model: ImageModel, layer: nn.Module, cam_class, x: torch.Tensor, w
             p.requires_grad_(flag)
     labels = logits.argmax(1).tolist() if wanted is None else [wanted] * len(x)
     probs = logits.softmax(1)[torch.arange(len(x)), torch.tensor(labels)].tolist()
-    return [np.clip(np.nan_to_num(h.astype(np.float32)), 0.0, 1.0) for h in maps], labels, probs
+    return [_smooth(h, cells) for h in maps], labels, probs
+
+
+def _smooth(heat: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
+    """The upsampled map smoothed by a Gaussian of one cell of the target layer, with nothing (zero) outside the
+    picture, and scaled to 0..1 again.
+
+    Each cell's value is one estimate for the whole patch the cell covers; bilinear upsampling puts the maximum
+    on one cell's centre, which lands on the strongest edge of an object (a colour edge excites more units than
+    a uniform inside) or on the picture's border, where the backbone's own zero padding excites units. With the
+    cell's neighbours weighed in, the maximum moves to the middle of the hot region, and a border cell counts the
+    half of its neighbourhood outside the picture as no evidence (docs/explain.md: do the heatmaps point at the
+    evidence?).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    heat = np.nan_to_num(heat.astype(np.float32))
+    sigma = (heat.shape[0] / cells[0], heat.shape[1] / cells[1])
+    heat = gaussian_filter(heat, sigma, mode="constant", cval=0.0)
+    low, high = float(heat.min()), float(heat.max())
+    return np.clip((heat - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(heat)
 
 
 def overlay_names(sources: Sequence[str]) -> list[str]:
