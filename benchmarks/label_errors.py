@@ -23,7 +23,7 @@ from PIL import Image
 from headstart.backbones.base import create_backbone
 from headstart.data import load_dataset
 from headstart.features import FeatureCache, extract_features
-from headstart.label_errors import DUPLICATE_SIMILARITY, find_label_errors
+from headstart.label_errors import DUPLICATE_SIMILARITY, find_label_errors, same_class_level
 
 
 def _flipped(labels: np.ndarray, n_classes: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +105,10 @@ def main() -> None:
           f"median {np.median(copy_sims):.3f} ({len(copy_sims)} copies: JPEG q60, 70% resize, 90% crop); each "
           f"photo's most similar other photo: max {sims.max():.3f}, 99th percentile "
           f"{np.percentile(sims.max(1), 99):.3f}, median {np.median(sims.max(1)):.3f}")
+    level = same_class_level(z, labels)
+    print(f"same-class level (95% of the images' most similar class-mate score at most this): {level:.3f}; pairs are "
+          f"reported from {max(DUPLICATE_SIMILARITY, level):.3f}; altered copies at or above it: "
+          f"{(copy_sims >= max(DUPLICATE_SIMILARITY, level)).sum()} of {len(copy_sims)}")
 
 
 if __name__ == "__main__":

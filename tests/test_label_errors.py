@@ -55,6 +55,23 @@ def test_a_copy_filed_under_another_class_is_a_near_duplicate():
     assert pair["similarity"] >= DUPLICATE_SIMILARITY
 
 
+def test_on_data_whose_images_all_look_alike_only_a_copy_is_a_near_duplicate():
+    # the images vary along 3 directions only (as small scans of digits do for an ImageNet backbone): hundreds of
+    # different images in different classes score over DUPLICATE_SIMILARITY, as alike as class-mates are
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    low = rng.normal(0, 1, (3, 3))[labels] * 0.8 + rng.normal(0, 1, (120, 3))
+    x = np.hstack([low, rng.normal(0, 0.05, (120, 13))]).astype(np.float32)
+    z = (x - x.mean(0)) / np.linalg.norm(x - x.mean(0), axis=1, keepdims=True)
+    alike = np.triu((z @ z.T >= DUPLICATE_SIMILARITY) & (labels[:, None] != labels[None, :]), 1)
+    assert alike.sum() > 100
+    paths = [f"img{i}.png" for i in range(121)]
+    assert find_label_errors(x, labels, ["a", "b", "c"], paths[:-1]).duplicates == []
+    copy = np.vstack([x, x[5] * 1.02 + 0.01])  # image 5 (class a), slightly altered, filed as class c
+    [pair] = find_label_errors(copy, np.append(labels, 2), ["a", "b", "c"], paths).duplicates
+    assert {pair["a"], pair["b"]} == {"img5.png", "img120.png"}
+
+
 def test_bad_input_is_one_clear_line():
     x, labels = _blobs(n_per_class=3)
     with pytest.raises(DatasetError, match="9 feature rows, 9 labels and 2 paths"):

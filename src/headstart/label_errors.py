@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DatasetError
 
-__all__ = ["LabelErrors", "find_label_errors", "near_duplicates", "DUPLICATE_SIMILARITY"]
+__all__ = ["LabelErrors", "find_label_errors", "near_duplicates", "same_class_level", "DUPLICATE_SIMILARITY"]
 
 # Cosine similarity of centred, L2-normalised pooled features above which two images count as near-duplicates.
 # Midway between the two populations benchmarks/label_errors.py measures on hymenoptera with efficientnet_lite0:
@@ -76,19 +76,40 @@ def out_of_fold_probabilities(x: np.ndarray, labels: np.ndarray, n_classes: int,
 
 def near_duplicates(x: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str],
                     threshold: float = DUPLICATE_SIMILARITY) -> list[dict]:
-    """Pairs of images in different classes whose features' cosine similarity is at least ``threshold``."""
+    """Pairs of images in different classes whose features' cosine similarity is at least ``threshold``, and more
+    alike than images of one class are to their closest neighbour in it (``same_class_level``): on data whose
+    images all look alike to the backbone (small scans of digits, one texture throughout), two different images
+    score as high as a re-encoded copy does on photos, and are not reported."""
     z = _pooled(x)
     z = z - z.mean(0)  # centred: what all images share (the backbone's bias) would make every pair look alike
     z /= np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
+    level = max(threshold, same_class_level(z, labels))
     pairs = []
     for start in range(0, len(z), _CHUNK):
         sims = z[start:start + _CHUNK] @ z.T
-        rows, cols = np.nonzero(sims >= threshold)
+        rows, cols = np.nonzero(sims >= level)
         for i, j in zip(rows + start, cols):
             if j > i and labels[i] != labels[j]:
                 pairs.append({"a": paths[i], "b": paths[j], "similarity": round(float(sims[i - start, j]), 4),
                               "labels": [classes[labels[i]], classes[labels[j]]]})
     return sorted(pairs, key=lambda p: -p["similarity"])
+
+
+def same_class_level(z: np.ndarray, labels: np.ndarray, share: float = 0.95) -> float:
+    """How alike distinct images of one class get: the ``share`` quantile, over the images, of each one's
+    similarity to its most similar other image in its own class (``z``: centred, unit-length features).
+
+    A copy filed under another class does not enter it (its class-mates are other pictures), so it stands out
+    above this level; the quantile leaves room for copies within a class (up to 1 - ``share`` of the images)."""
+    best = np.full(len(z), -1.0, dtype=np.float32)
+    for start in range(0, len(z), _CHUNK):
+        sims = z[start:start + _CHUNK] @ z.T
+        same = labels[start:start + _CHUNK, None] == labels[None, :]
+        sims[~same] = -1.0
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -1.0  # not itself
+        best[start:start + len(sims)] = sims.max(axis=1)
+    best = best[best > -1.0]  # an image alone in its class has no class-mate
+    return float(np.quantile(best, share)) if len(best) else -1.0
 
 
 def find_label_errors(features: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str], *,
