@@ -40,6 +40,7 @@ def test_flipped_labels_rank_first_and_cleanlab_sets_the_count():
     first = found.suspects[0]
     assert first["rank"] == 1 and first["suggested"] == "abc"[labels[int(first["path"][3:-4])]]
     assert first["quality"] == min(s["quality"] for s in found.suspects) < 0.5
+    assert 0.9 < found.agreement <= 116 / 120  # the check's head predicts the true class of the flipped ones
     assert len(found.quality) == len(x) and found.seconds > 0
 
 
@@ -104,6 +105,9 @@ def test_train_lists_the_mislabelled_images_first_and_keeps_them(mislabelled, tm
     assert listed and set(listed) <= set(moved) and data["label_errors"][0]["rank"] == 1
     assert data["train_counts"]["blue"] == 14  # nothing is removed
     assert data["seconds"]["label_errors"] > 0
+    # how far to trust the list: the share of given labels the check's own head predicts, said in the warning
+    agreement = data["label_check_agreement"]
+    assert 0.5 < agreement <= 34 / 36 and f"to a check that predicts {agreement:.0%} of the given labels" in out
 
 
 def test_exclude_leaves_the_listed_images_out(mislabelled, tmp_path):

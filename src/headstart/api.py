@@ -212,6 +212,7 @@ class ImageClassifier:
         found = _label_errors(splits.train, result, self.seed)
         if found is not None:
             self.report_.label_errors, self.report_.duplicates_across_classes = found.suspects, found.duplicates
+            self.report_.label_check_agreement = round(found.agreement, 4)
             self.report_.seconds["label_errors"] = found.seconds
         self.report_.seconds |= result.seconds | {"total": time.perf_counter() - t_start}
         return self
@@ -498,8 +499,9 @@ def _label_errors(train: Dataset, result, seed: int):
         log.warning("the label-error check did not run (%s: %s); the model is saved as usual", type(exc).__name__, exc)
         return None
     if found.suspects:
-        log.warning("%d training image(s) look mislabelled: see data.json (label_errors) or the report; e.g. %s "
-                    "(labelled %s, looks like %s)", len(found.suspects), found.suspects[0]["path"],
+        log.warning("%d training image(s) look mislabelled to a check that predicts %.0f%% of the given labels: see "
+                    "data.json (label_errors) or the report; e.g. %s (labelled %s, looks like %s)",
+                    len(found.suspects), 100 * found.agreement, found.suspects[0]["path"],
                     found.suspects[0]["given"], found.suspects[0]["suggested"])
     if found.duplicates:
         log.warning("%d near-duplicate pair(s) are filed under different classes (data.json: "

@@ -37,6 +37,7 @@ class CheckReport:
     suspect_images: list[dict]
     label_errors: list[dict]
     duplicates_across_classes: list[dict]
+    label_check_agreement: float | None = None  # share of given labels the check's out-of-fold head predicts
     excluded: list[str] = field(default_factory=list)
     exclude_unmatched: list[str] = field(default_factory=list)
     backbone_passes: int = 0
@@ -80,6 +81,7 @@ def check_data(data: str | Path, *, val: str | Path | None = None, backbone: str
     return CheckReport(
         data=str(data), backbone=model.identity(), classes=list(ds.classes), counts=ds.counts(),
         skipped_unreadable=ex.errors, suspect_images=suspects, label_errors=found.suspects,
-        duplicates_across_classes=found.duplicates, excluded=excluded, exclude_unmatched=unmatched,
+        duplicates_across_classes=found.duplicates, label_check_agreement=round(found.agreement, 4),
+        excluded=excluded, exclude_unmatched=unmatched,
         backbone_passes=ex.computed, from_cache=ex.cached,
         seconds={"features": t2 - t1, "label_errors": found.seconds, "total": time.perf_counter() - t0})

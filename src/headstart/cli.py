@@ -351,8 +351,8 @@ def _print_train_report(clf, out) -> None:
     if r.excluded:
         print(f"left out {len(r.excluded)} image(s) listed in --exclude (listed in {out}/data.json)")
     if r.label_errors:
-        print(f"warning: {len(r.label_errors)} training image(s) look mislabelled (nothing was removed; listed in "
-              f"{out}/data.json under label_errors; leave them out with --exclude FILE):")
+        print(f"warning: {len(r.label_errors)} training image(s) look mislabelled{_agreement(r)} (nothing was removed; "
+              f"listed in {out}/data.json under label_errors; leave them out with --exclude FILE):")
         for row in r.label_errors[:5]:
             print(f"  {row['path']}: labelled {row['given']}, looks like {row['suggested']} "
                   f"(label quality {row['quality']:.2f})")
@@ -368,6 +368,13 @@ def _print_train_report(clf, out) -> None:
         print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images), macro F1 {test['macro_f1']:.4f}")
     print(f"time: {r.seconds['total']:.1f} s ({r.recipe['strategy']})")
     print(f"saved to {out}")
+
+
+def _agreement(report) -> str:
+    """How far to trust a list of likely label errors: the check flags what its own out-of-fold head gets wrong
+    confidently, so when that head predicts far fewer labels than the model does, hard images are among them."""
+    share = getattr(report, "label_check_agreement", None)
+    return "" if share is None else f" to a check that predicts {share:.0%} of the given labels"
 
 
 def _selection_lines(selection: dict | None) -> list[str]:
@@ -534,8 +541,8 @@ def _cmd_check(args) -> None:
             print("\n".join(f"  {row}" for row in rows))
     if r.label_errors:
         width = max(len(e["path"]) for e in r.label_errors) + 2
-        print(f"\nlikely label errors: {len(r.label_errors)} (most likely first; quality: probability of the given "
-              "label, out of fold)")
+        print(f"\nlikely label errors: {len(r.label_errors)}{_agreement(r)} (most likely first; quality: probability of "
+              "the given label, out of fold)")
         print(f"  {'rank':>4}  {'path':<{width}}{'given':<12}{'suggested':<12}quality")
         for e in r.label_errors:
             print(f"  {e['rank']:>4}  {e['path']:<{width}}{e['given']:<12}{e['suggested']:<12}{e['quality']:.3f}")

@@ -3,6 +3,7 @@ features alone (no backbone pass): confident learning (``cleanlab``) over out-of
 
     >>> found = find_label_errors(features, labels, classes, paths)
     >>> found.suspects[0]         # {"path": ..., "given": "ants", "suggested": "bees", "quality": 0.03, "rank": 1}
+    >>> found.agreement           # 0.96: the out-of-fold head predicts 96% of the given labels
 
 The out-of-fold probabilities come from a logistic-regression head trained k times (stratified folds) on the
 pooled features: each image is judged by a head that never saw it, so a wrong label cannot vouch for itself.
@@ -34,12 +35,15 @@ class LabelErrors:
     """``suspects``: images cleanlab flags, most likely wrong first (``{"path", "given", "suggested", "quality",
     "rank"}``; quality is the out-of-fold probability of the given label: low = likely wrong). ``duplicates``:
     near-duplicate pairs in different classes (``{"a", "b", "similarity", "labels": [la, lb]}``), most similar
-    first. ``quality``: every image's score, in input order. ``seconds``: the time it took."""
+    first. ``quality``: every image's score, in input order. ``agreement``: the share of images whose given label
+    the out-of-fold head predicts; when it is well below the trained model's accuracy, the check's own mistakes
+    (hard images) are among the suspects. ``seconds``: the time it took."""
 
     suspects: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     quality: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    agreement: float | None = None
 
 
 def _pooled(features: np.ndarray) -> np.ndarray:
@@ -138,4 +142,5 @@ def find_label_errors(features: np.ndarray, labels: np.ndarray, classes: list[st
                  "quality": round(float(quality[i]), 4), "rank": r}
                 for r, i in enumerate(flagged, start=1)]
     duplicates = near_duplicates(x, labels, classes, [str(p) for p in paths], threshold)
-    return LabelErrors(suspects, duplicates, [float(q) for q in quality], time.perf_counter() - t0)
+    agreement = float((probs.argmax(1) == labels).mean())
+    return LabelErrors(suspects, duplicates, [float(q) for q in quality], time.perf_counter() - t0, agreement)

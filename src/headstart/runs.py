@@ -71,6 +71,7 @@ class RunReport:
     metrics: dict = field(default_factory=dict)  # "val" / "test" -> classification_metrics
     label_errors: list[dict] = field(default_factory=list)  # likely mislabelled training images (label_errors.py)
     duplicates_across_classes: list[dict] = field(default_factory=list)  # near-duplicate pairs in two classes
+    label_check_agreement: float | None = None   # share of given labels the label-error check's head predicts
     excluded: list[str] = field(default_factory=list)       # images left out by --exclude FILE
     exclude_unmatched: list[str] = field(default_factory=list)  # lines of that file that named no image
     head_selection: dict | None = None           # how the head was chosen (training.select), if it was
