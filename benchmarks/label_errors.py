@@ -105,7 +105,7 @@ def main() -> None:
           f"median {np.median(copy_sims):.3f} ({len(copy_sims)} copies: JPEG q60, 70% resize, 90% crop); each "
           f"photo's most similar other photo: max {sims.max():.3f}, 99th percentile "
           f"{np.percentile(sims.max(1), 99):.3f}, median {np.median(sims.max(1)):.3f}")
-    level = same_class_level(z, labels)
+    level = same_class_level(np.where(labels[:, None] == labels[None, :], sims, -1.0).max(axis=1))
     print(f"same-class level (95% of the images' most similar class-mate score at most this): {level:.3f}; pairs are "
           f"reported from {max(DUPLICATE_SIMILARITY, level):.3f}; altered copies at or above it: "
           f"{(copy_sims >= max(DUPLICATE_SIMILARITY, level)).sum()} of {len(copy_sims)}")

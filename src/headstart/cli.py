@@ -373,7 +373,7 @@ def _print_train_report(clf, out) -> None:
 def _agreement(report) -> str:
     """How far to trust a list of likely label errors: the check flags what its own out-of-fold head gets wrong
     confidently, so when that head predicts far fewer labels than the model does, hard images are among them."""
-    share = getattr(report, "label_check_agreement", None)
+    share = report.label_check_agreement
     return "" if share is None else f" to a check that predicts {share:.0%} of the given labels"
 
 
@@ -541,8 +541,8 @@ def _cmd_check(args) -> None:
             print("\n".join(f"  {row}" for row in rows))
     if r.label_errors:
         width = max(len(e["path"]) for e in r.label_errors) + 2
-        print(f"\nlikely label errors: {len(r.label_errors)}{_agreement(r)} (most likely first; quality: probability of "
-              "the given label, out of fold)")
+        print(f"\nlikely label errors: {len(r.label_errors)}{_agreement(r)} (most likely first; quality: "
+              "probability of the given label, out of fold)")
         print(f"  {'rank':>4}  {'path':<{width}}{'given':<12}{'suggested':<12}quality")
         for e in r.label_errors:
             print(f"  {e['rank']:>4}  {e['path']:<{width}}{e['given']:<12}{e['suggested']:<12}{e['quality']:.3f}")

@@ -87,32 +87,29 @@ def near_duplicates(x: np.ndarray, labels: np.ndarray, classes: list[str], paths
     z = _pooled(x)
     z = z - z.mean(0)  # centred: what all images share (the backbone's bias) would make every pair look alike
     z /= np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
-    level = max(threshold, same_class_level(z, labels))
-    pairs = []
+    # one pass over the similarities: the pairs above the fixed threshold, and each image's closest class-mate
+    candidates, best = [], np.full(len(z), -1.0, dtype=np.float32)
     for start in range(0, len(z), _CHUNK):
         sims = z[start:start + _CHUNK] @ z.T
-        rows, cols = np.nonzero(sims >= level)
-        for i, j in zip(rows + start, cols):
-            if j > i and labels[i] != labels[j]:
-                pairs.append({"a": paths[i], "b": paths[j], "similarity": round(float(sims[i - start, j]), 4),
-                              "labels": [classes[labels[i]], classes[labels[j]]]})
+        rows, cols = np.nonzero(sims >= threshold)
+        candidates += [(i, j, float(sims[i - start, j])) for i, j in zip(rows + start, cols)
+                       if j > i and labels[i] != labels[j]]
+        sims[labels[start:start + _CHUNK, None] != labels[None, :]] = -1.0
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -1.0  # not itself
+        best[start:start + len(sims)] = sims.max(axis=1)
+    level = same_class_level(best)
+    pairs = [{"a": paths[i], "b": paths[j], "similarity": round(sim, 4),
+              "labels": [classes[labels[i]], classes[labels[j]]]} for i, j, sim in candidates if sim >= level]
     return sorted(pairs, key=lambda p: -p["similarity"])
 
 
-def same_class_level(z: np.ndarray, labels: np.ndarray, share: float = 0.95) -> float:
-    """How alike distinct images of one class get: the ``share`` quantile, over the images, of each one's
-    similarity to its most similar other image in its own class (``z``: centred, unit-length features).
+def same_class_level(best: np.ndarray, share: float = 0.95) -> float:
+    """How alike distinct images of one class get: the ``share`` quantile of ``best``, each image's similarity to
+    its most similar other image in its own class (-1 for an image alone in its class).
 
     A copy filed under another class does not enter it (its class-mates are other pictures), so it stands out
     above this level; the quantile leaves room for copies within a class (up to 1 - ``share`` of the images)."""
-    best = np.full(len(z), -1.0, dtype=np.float32)
-    for start in range(0, len(z), _CHUNK):
-        sims = z[start:start + _CHUNK] @ z.T
-        same = labels[start:start + _CHUNK, None] == labels[None, :]
-        sims[~same] = -1.0
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -1.0  # not itself
-        best[start:start + len(sims)] = sims.max(axis=1)
-    best = best[best > -1.0]  # an image alone in its class has no class-mate
+    best = best[best > -1.0]
     return float(np.quantile(best, share)) if len(best) else -1.0
 
 
